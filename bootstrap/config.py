@@ -1,0 +1,244 @@
+"""Typed, frozen configuration, built once: TOML file < ``METALSEED_*`` env < flags.
+
+The file is ``/etc/metalseed/metalseed.toml`` unless ``--config`` or
+``METALSEED_CONFIG`` names another. Top-level keys and one table per section::
+
+    state_dir = "/var/lib/metalseed"
+
+    [bmc]
+    timeout = 5.0
+
+    [discovery]
+    ranges = ["10.0.8.0/22"]
+
+Every key has an environment variable: ``METALSEED_STATE_DIR``,
+``METALSEED_BMC_TIMEOUT``, ``METALSEED_DISCOVERY_RANGES`` (comma-separated
+for lists). Flags override both. Unknown keys are an error, not a silent no-op.
+Nothing here reads files or the environment at import time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG_FILE = Path("/etc/metalseed/metalseed.toml")
+ENV_PREFIX = "METALSEED_"
+
+
+@dataclasses.dataclass(frozen=True)
+class BmcConfig:
+    port: int = 623
+    #: seconds to wait for one IPMI exchange (login or command)
+    timeout: float = 5.0
+    #: attempts for a retryable failure, the first included
+    attempts: int = 3
+    #: first backoff delay in seconds; doubles per attempt
+    backoff: float = 0.5
+    #: seconds to wait for a machine to reach a requested power state
+    power_wait: float = 30.0
+    #: BMCs talked to at once
+    concurrency: int = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class DiscoveryConfig:
+    #: what `metalseed discover` sweeps when no RANGE is given
+    ranges: tuple[str, ...] = ()
+    #: username:password per line, tried in order
+    credentials_file: Path | None = None
+    #: rotate to a dedicated per-BMC user after enrolling
+    rotate: bool = False
+    #: the BMC user metalseed creates when rotating
+    rotate_username: str = "metalseed"
+    #: seconds to wait for answers to one round of presence probes
+    probe_timeout: float = 0.6
+    #: probe rounds (unanswered addresses are probed again)
+    probe_rounds: int = 3
+    #: probes in flight at once
+    probe_window: int = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    state_dir: Path = Path("/var/lib/metalseed")
+    log_level: str = "info"
+    bmc: BmcConfig = BmcConfig()
+    discovery: DiscoveryConfig = DiscoveryConfig()
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "state.db"
+
+    @property
+    def key_path(self) -> Path:
+        return self.state_dir / "secret.key"
+
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name in ("bmc", "discovery")}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Convert a TOML or env value to the field's declared type."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None or value == "":
+            return None
+        return _coerce(value, args[0], key)
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"not a boolean: {value!r}")
+        if hint is int:
+            if isinstance(value, bool):
+                raise ValueError("a boolean is not a number")
+            return int(value)
+        if hint is float:
+            if isinstance(value, bool):
+                raise ValueError("a boolean is not a number")
+            return float(value)
+        if hint is str:
+            if not isinstance(value, str):
+                raise ValueError(f"expected a string, got {type(value).__name__}")
+            return value
+        if hint is Path:
+            return Path(value)
+        if origin is tuple:
+            if isinstance(value, str):
+                value = [part.strip() for part in value.split(",") if part.strip()]
+            if not isinstance(value, list | tuple):
+                raise ValueError("expected a list")
+            (item,) = typing.get_args(hint)[:1]
+            return tuple(_coerce(v, item, key) for v in value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"config key {key}: {exc}") from None
+    raise ConfigError(f"config key {key}: unsupported type {hint!r}")
+
+
+def _flatten_file(data: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """TOML document -> {"state_dir": ..., "bmc.timeout": ...}, rejecting unknown keys."""
+    top = _field_types(Config)
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in _SECTIONS:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{source}: [{key}] must be a table")
+            known = _field_types(_SECTIONS[key])
+            for sub, subvalue in value.items():
+                if sub not in known:
+                    raise ConfigError(f"{source}: unknown key {key}.{sub}")
+                flat[f"{key}.{sub}"] = subvalue
+        elif key in top:
+            flat[key] = value
+        else:
+            raise ConfigError(f"{source}: unknown key {key}")
+    return flat
+
+
+def _env_keys() -> dict[str, str]:
+    """METALSEED_BMC_TIMEOUT -> "bmc.timeout" for every known key."""
+    keys: dict[str, str] = {}
+    for name in _field_types(Config):
+        if name in _SECTIONS:
+            for sub in _field_types(_SECTIONS[name]):
+                keys[f"{ENV_PREFIX}{name}_{sub}".upper()] = f"{name}.{sub}"
+        else:
+            keys[f"{ENV_PREFIX}{name}".upper()] = name
+    return keys
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except PermissionError:
+        raise ConfigError(f"config file {path} is not readable") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    return _flatten_file(data, str(path))
+
+
+def load(
+    config_file: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the one Config: defaults < file < env < flags.
+
+    ``flags`` uses dotted keys (``"bmc.timeout"``); ``None`` values mean
+    "flag not given" and are skipped.
+    """
+    env = os.environ if env is None else env
+    merged: dict[str, Any] = {}
+
+    path = config_file or (Path(env["METALSEED_CONFIG"]) if env.get("METALSEED_CONFIG") else None)
+    if path is not None:
+        merged.update(read_file(path))
+    elif DEFAULT_CONFIG_FILE.exists():
+        merged.update(read_file(DEFAULT_CONFIG_FILE))
+
+    for var, key in _env_keys().items():
+        if var in env:
+            merged[key] = env[var]
+
+    for key, value in (flags or {}).items():
+        if value is None:
+            continue
+        if key.split(".")[0] not in _field_types(Config):
+            raise ConfigError(f"unknown config key {key}")
+        merged[key] = value
+
+    return _build(merged)
+
+
+def _build(flat: Mapping[str, Any]) -> Config:
+    top_types = _field_types(Config)
+    top: dict[str, Any] = {}
+    sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    for key, value in flat.items():
+        if "." in key:
+            section, sub = key.split(".", 1)
+            types_ = _field_types(_SECTIONS[section])
+            if sub not in types_:
+                raise ConfigError(f"unknown config key {key}")
+            sections[section][sub] = _coerce(value, types_[sub], key)
+        else:
+            top[key] = _coerce(value, top_types[key], key)
+    for name, cls in _SECTIONS.items():
+        top[name] = cls(**sections[name])
+    config = Config(**top)
+    _validate(config)
+    return config
+
+
+def _validate(config: Config) -> None:
+    if config.bmc.attempts < 1:
+        raise ConfigError("bmc.attempts must be at least 1")
+    if config.bmc.concurrency < 1:
+        raise ConfigError("bmc.concurrency must be at least 1")
+    if not 0 < config.bmc.port < 65536:
+        raise ConfigError("bmc.port must be a UDP port number")
+    if config.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError("log_level must be one of debug, info, warning, error")
