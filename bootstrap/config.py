@@ -83,7 +83,7 @@ class Config:
         return self.state_dir / "secret.key"
 
 
-_SECTIONS = {f.name: f.type for f in dataclasses.fields(Config) if f.name in ("bmc", "discovery")}
+_SECTIONS: dict[str, type] = {"bmc": BmcConfig, "discovery": DiscoveryConfig}
 
 
 def _field_types(cls: type) -> dict[str, Any]:

@@ -9,7 +9,9 @@ a clear ``SecretError``, never a silent fallback to clear text.
 from __future__ import annotations
 
 import os
+import secrets
 import stat
+import threading
 from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken
@@ -22,8 +24,13 @@ class SecretBox:
     def __init__(self, key_path: Path) -> None:
         self._key_path = key_path
         self._fernet: Fernet | None = None
+        self._lock = threading.Lock()
 
     def _load(self, create: bool) -> Fernet:
+        with self._lock:
+            return self._load_locked(create)
+
+    def _load_locked(self, create: bool) -> Fernet:
         if self._fernet is not None:
             return self._fernet
         path = self._key_path
@@ -46,7 +53,7 @@ class SecretBox:
     def _create(path: Path) -> bytes:
         key = Fernet.generate_key()
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.write(fd, key + b"\n")

@@ -1,0 +1,95 @@
+"""Discovery: sweep ranges for BMCs, then enroll the ones that answer."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import stat
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ..errors import UsageError
+from ..models import BmcAddress, Credential
+from ..parallel import Outcome, run_all
+from .enroll import Enroller, EnrollResult
+from .sweep import Progress, SweepResult, sweep
+
+__all__ = ["DiscoveryReport", "Enroller", "EnrollResult", "discover", "load_credentials"]
+
+
+def load_credentials(path: Path) -> list[Credential]:
+    """``username:password`` per line; blank lines and ``#`` comments skipped.
+
+    Errors name the line number, never the line: it holds a password.
+    """
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UsageError(f"credentials file {path} does not exist") from None
+    except (PermissionError, IsADirectoryError):
+        raise UsageError(f"credentials file {path} is not readable") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"credentials file {path} is not text") from None
+    if (
+        mode & (stat.S_IRWXG | stat.S_IRWXO)
+        and os.environ.get("METALSEED_ALLOW_OPEN_CREDENTIALS") != "1"
+    ):
+        raise UsageError(f"credentials file {path} is readable by others; chmod 600 it")
+    creds: list[Credential] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        username, sep, password = line.partition(":")
+        if not sep or not username or not password:
+            raise UsageError(f"{path}, line {number}: expected username:password")
+        if len(username.encode()) > 16 or len(password.encode()) > 20:
+            raise UsageError(f"{path}, line {number}: IPMI allows 16-byte users, 20-byte passwords")
+        creds.append(Credential(username, password))
+    if not creds:
+        raise UsageError(f"credentials file {path} has no username:password lines")
+    return creds
+
+
+@dataclasses.dataclass(frozen=True)
+class DiscoveryReport:
+    sweep: SweepResult
+    results: list[EnrollResult]
+    seconds: float
+
+
+def discover(
+    targets: Sequence[BmcAddress],
+    enroller: Enroller,
+    *,
+    probe_timeout: float,
+    probe_rounds: int,
+    probe_window: int,
+    concurrency: int,
+    on_probe: Progress | None = None,
+    on_enrolled: Callable[[EnrollResult], None] | None = None,
+) -> DiscoveryReport:
+    import time
+
+    started = time.monotonic()
+    swept = sweep(
+        targets,
+        timeout=probe_timeout,
+        rounds=probe_rounds,
+        window=probe_window,
+        progress=on_probe,
+    )
+
+    def done(outcome: Outcome[BmcAddress, EnrollResult]) -> None:
+        if on_enrolled is not None:
+            on_enrolled(_result_of(outcome))
+
+    outcomes = run_all(enroller.enroll, list(swept.found), concurrency=concurrency, on_done=done)
+    return DiscoveryReport(swept, [_result_of(o) for o in outcomes], time.monotonic() - started)
+
+
+def _result_of(outcome: Outcome[BmcAddress, EnrollResult]) -> EnrollResult:
+    if outcome.result is not None:
+        return outcome.result
+    return EnrollResult(outcome.item, None, None, "unknown", error=str(outcome.error))

@@ -5,8 +5,9 @@ on the calling thread, with a timer heap for injected latency and delayed
 power changes. When every endpoint is bound it writes a manifest (JSON, no
 passwords) so a caller knows the simulator is ready and what it serves.
 
-pyghmi keeps its session state in class attributes, so one process runs one
-simulator; run several processes for more than ~900 BMCs (select() limit).
+The loop is our own (epoll through ``selectors``), not pyghmi's IO thread, so
+BMCs that share a port never see each other's sessions and there is no
+select() limit on how many BMCs one process serves.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import logging
 import os
 import random
 import resource
+import selectors
+import socket
 import subprocess
 import threading
 import time
@@ -27,8 +30,6 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
-
-import pyghmi.ipmi.private.session as ipmisession
 
 from ..errors import UsageError
 from .bmcsim import Faults, Machine, PowerHook, SimBmc, UserTable
@@ -153,13 +154,16 @@ class BmcSimulator:
         self._seq = itertools.count()
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
+        self._selector: selectors.BaseSelector | None = None
 
     def _defer(self, delay: float, fn: Callable, *args: Any, **kwargs: Any) -> None:
         if delay <= 0:
             fn(*args, **kwargs)
             return
         with self._lock:
-            heapq.heappush(self._timers, (time.monotonic() + delay, next(self._seq), fn, args, kwargs))
+            heapq.heappush(
+                self._timers, (time.monotonic() + delay, next(self._seq), fn, args, kwargs)
+            )
 
     def start(self) -> None:
         """Bind every endpoint. Raises ``UsageError`` naming the one that failed."""
@@ -226,6 +230,10 @@ class BmcSimulator:
 
     def run_once(self, max_wait: float = 0.2) -> None:
         """One turn of the loop: due timers, then up to ``max_wait`` of network I/O."""
+        if self._selector is None:
+            self._selector = selectors.DefaultSelector()
+            for bmc in self.bmcs:
+                self._selector.register(bmc.serversocket, selectors.EVENT_READ, bmc)
         now = time.monotonic()
         due = []
         with self._lock:
@@ -237,11 +245,31 @@ class BmcSimulator:
                 fn(*args, **kwargs)
             except Exception:
                 log.exception("simulated BMC failed handling a packet")
-        try:
-            ipmisession.Session.wait_for_rsp(max(wait, 0.0))
-        except Exception:  # malformed input must not stop the other BMCs
-            log.exception("simulated BMC failed handling a packet")
+        for key, _ in self._selector.select(max(wait, 0.0)):
+            bmc, sock = key.data, key.fileobj
+            for _ in range(256):  # drain, but let the other BMCs have a turn
+                try:
+                    data, sockaddr = sock.recvfrom(4096, socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:  # e.g. ICMP errors surfacing on the socket
+                    log.debug("bmc %s:%s socket error: %s", bmc.address, bmc.port, exc)
+                    continue
+                try:
+                    bmc.datagram(data, sockaddr)
+                except Exception:  # malformed input must not stop the other BMCs
+                    log.exception("bmc %s:%s failed handling a packet", bmc.address, bmc.port)
+
+    def close(self) -> None:
+        if self._selector is not None:
+            self._selector.close()
+            self._selector = None
+        for bmc in self.bmcs:
+            bmc.close()
 
     def run(self, stop: threading.Event) -> None:
-        while not stop.is_set():
-            self.run_once()
+        try:
+            while not stop.is_set():
+                self.run_once()
+        finally:
+            self.close()

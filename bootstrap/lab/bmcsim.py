@@ -19,11 +19,13 @@ All of it runs on the single thread that drives pyghmi's event loop (see
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import hmac
 import os
 import random
+import socket
 import struct
 import uuid
 from collections.abc import Callable
@@ -119,8 +121,8 @@ class SimSession(serversession.ServerSession):
         response[16], response[24], response[32] = auth, integrity, conf
         return response
 
-    def _handle_ipmi_packet(self, data, sockaddr=None, qent=None):
-        self.bmc.defer(super()._handle_ipmi_packet, data, sockaddr=sockaddr, qent=qent)
+    def close_server_session(self):
+        self.bmc.sessions.pop(self.sockaddr, None)
 
     def _got_rakp1(self, data):
         self.Rm = data[8:24]
@@ -148,7 +150,11 @@ class SimSession(serversession.ServerSession):
         )
         authcode = hmac.new(self.kuid, bytes(hmacdata), self.hashlib).digest()
         message = (
-            bytearray([data[0], 0, 0, 0]) + self.clientsessionid + self.Rc + self.uuiddata + authcode
+            bytearray([data[0], 0, 0, 0])
+            + self.clientsessionid
+            + self.Rc
+            + self.uuiddata
+            + authcode
         )
         self.send_payload(message, ipmi_constants.payload_types["rakp2"], retry=False)
 
@@ -210,14 +216,61 @@ class SimBmc(pyghmi_bmc.Bmc):
         self.faults = faults or Faults()
         self.mac = mac
         self.power_hook = power_hook
+        self.sessions: dict[tuple, SimSession] = {}
         self._defer = defer
         self._rng = rng or random.Random()
         self._fru = build_fru(fru or {})
-        super().__init__(authdata=users, port=port, bmcuuid=guid, address=address)
-        self.mfgid = manufacturer_id
-        self.prodid = product_id
+        # What pyghmi's IpmiServer.__init__ sets, minus its socket: that one would
+        # join pyghmi's global IO thread, which routes server sessions by
+        # (client, port) and mixes up BMCs that share a port. We own the socket
+        # and the routing (``datagram``) instead.
+        self.authdata = users
+        self.uuid = guid
+        self.port = port
+        self.kg = None
+        self.timeout = 60
+        self.pktqueue = collections.deque()
+        self.revision, self.deviceid, self.ipmiversion, self.additionaldevices = 0, 0x20, 2, 0
         self.firmwaremajor, self.firmwareminor = firmware
-        self.deviceid = 0x20
+        self.mfgid, self.prodid = manufacturer_id, product_id
+        # channel 1, IPMI 2.0 only, per-message auth off, IPMI 2.0 extended capabilities
+        self.authcap = struct.pack("9B", 0, LAN_CHANNEL, 0x80, 0x04, 0x02, 0, 0, 0, 0)
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        self.serversocket = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            self.serversocket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            self.serversocket.bind((address, port))
+        except OSError:
+            self.serversocket.close()
+            raise
+
+    def close(self) -> None:
+        self.serversocket.close()
+
+    # -- packet routing -------------------------------------------------------------
+
+    def datagram(self, data: bytes, sockaddr) -> None:
+        """Entry point for every datagram this BMC's socket receives."""
+        self.defer(self._route, bytearray(data), sockaddr)
+
+    def _route(self, data: bytearray, sockaddr) -> None:
+        if len(data) < 14 or data[:4] != b"\x06\x00\xff\x07":
+            return
+        if data[4] != 6:  # IPMI 1.5 framing: only sessionless requests are served
+            super().sessionless_data(data, sockaddr)
+            return
+        if len(data) < 16:
+            return
+        ptype = data[5] & 0x3F
+        if ptype == ipmi_constants.payload_types["rmcpplusopenreq"]:
+            self._open_session(data, sockaddr)
+            return
+        in_session = ptype in (0x12, 0x14) or data[6:10] != b"\x00\x00\x00\x00"
+        session = self.sessions.get(sockaddr)
+        if in_session and session is not None:
+            session._handle_ipmi_packet(data, sockaddr=sockaddr)
+        elif not in_session:
+            super().sessionless_data(data, sockaddr)
 
     # -- fault injection and deferral -------------------------------------------
 
@@ -232,35 +285,40 @@ class SimBmc(pyghmi_bmc.Bmc):
             return
         self._defer(self.faults.latency, fn, *args, **kwargs)
 
-    # -- sessionless traffic ----------------------------------------------------
+    # -- sessions -----------------------------------------------------------------
 
-    def sessionless_data(self, data, sockaddr):
-        self.defer(self._sessionless, bytearray(data), sockaddr)
-
-    def _sessionless(self, data: bytearray, sockaddr) -> None:
-        is_open_request = (
-            len(data) >= 16 + 32 and data[0] == 6 and data[2:4] == b"\xff\x07"
-            and data[4] == 6 and data[5] == ipmi_constants.payload_types["rmcpplusopenreq"]
-        )
-        if not is_open_request:
-            super().sessionless_data(data, sockaddr)
-            return
+    def _open_session(self, data: bytearray, sockaddr) -> None:
         request = data[16:]
+        if len(request) < 32:
+            return
         proposal = (request[12], request[20], request[28])
         suite = next((s for s, algs in SUITES.items() if algs == proposal), None)
         if suite is None or (suite == 17 and self.faults.sha1_only):
             self._refuse_open(request, sockaddr, STATUS_NO_CIPHER_SUITE_MATCH)
             return
-        SimSession(
-            self.authdata, self.kg, sockaddr, self.serversocket, request, self.uuid,
-            bmc=self, suite=suite,
+        self.sessions[sockaddr] = SimSession(
+            self.authdata,
+            self.kg,
+            sockaddr,
+            self.serversocket,
+            request,
+            self.uuid,
+            bmc=self,
+            suite=suite,
         )
+        # pyghmi's session registers itself in a global routing table we do not use
+        ipmisession.Session.bmc_handlers.get(sockaddr, {}).pop(self.port, None)
 
     def _refuse_open(self, request: bytearray, sockaddr, status: int) -> None:
         payload = bytes([request[0], status, 0, 0]) + bytes(request[4:8])
         header = struct.pack(
-            "<4sBBIIH", b"\x06\x00\xff\x07", 6,
-            ipmi_constants.payload_types["rmcpplusopenresponse"], 0, 0, len(payload),
+            "<4sBBIIH",
+            b"\x06\x00\xff\x07",
+            6,
+            ipmi_constants.payload_types["rmcpplusopenresponse"],
+            0,
+            0,
+            len(payload),
         )
         ipmisession._io_sendto(self.serversocket, header + payload, sockaddr)
 

@@ -71,9 +71,7 @@ class StateStore(Protocol):
 
     def get_pending_credential(self, node_id: str) -> Credential | None: ...
 
-    def set_credential(
-        self, node_id: str, credential: Credential, *, message: str = ""
-    ) -> None:
+    def set_credential(self, node_id: str, credential: Credential, *, message: str = "") -> None:
         """Make ``credential`` the node's working login and clear any pending one."""
 
     def set_pending_credential(self, node_id: str, credential: Credential | None) -> None:

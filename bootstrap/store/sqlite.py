@@ -179,6 +179,21 @@ class SqliteStore:
                 suffix += 1
                 node_id = f"{base}-{suffix}"
                 taken = conn.execute("SELECT 1 FROM nodes WHERE id=?", (node_id,)).fetchone()
+            if bmc is not None:
+                for row in conn.execute(
+                    "SELECT id FROM nodes WHERE bmc_host=? AND bmc_port=?", (bmc.host, bmc.port)
+                ).fetchall():
+                    # The address now answers for another machine: the old node lets go.
+                    conn.execute(
+                        "UPDATE nodes SET bmc_host=NULL, bmc_port=NULL WHERE id=?", (row["id"],)
+                    )
+                    self._insert_event(
+                        conn,
+                        row["id"],
+                        "discovery",
+                        f"BMC {bmc} now answers for another machine",
+                        {},
+                    )
             try:
                 conn.execute(
                     "INSERT INTO nodes (id, guid, bmc_host, bmc_port, state, reason, state_since,"
@@ -301,9 +316,7 @@ class SqliteStore:
                 raise NotFoundError(f"no node {node_id}")
             current = NodeState(row["state"])
             if expect is not None and current != expect:
-                raise ConcurrentUpdate(
-                    f"{node_id} is {current}, expected {expect}", node=node_id
-                )
+                raise ConcurrentUpdate(f"{node_id} is {current}, expected {expect}", node=node_id)
             check_transition(current, target)
             now = self._clock()
             since = row["state_since"] if current == target else now

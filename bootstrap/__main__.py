@@ -1,0 +1,4 @@
+#!/usr/bin/env python3
+from bootstrap.cli import main
+
+main()

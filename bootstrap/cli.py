@@ -1,0 +1,474 @@
+"""The ``metalseed`` command: click commands only.
+
+Each command parses its arguments, builds the one Config (file < env <
+flags), calls into ``actions`` (or the lab), prints, and returns an exit code.
+Errors from the metalseed tree become ``metalseed: error: ...`` on stderr and
+the exit code their class carries.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import click
+
+from . import actions, ui
+from . import config as configmod
+from .errors import MetalseedError, UsageError
+from .states import NodeState
+
+log = logging.getLogger("metalseed")
+
+
+class Ctx:
+    def __init__(self, config_file: Path | None, flags: dict) -> None:
+        self.config_file = config_file
+        self.flags = flags
+
+    def config(self, **more) -> configmod.Config:
+        return configmod.load(self.config_file, flags={**self.flags, **more})
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # pyghmi and asyncio chatter is not the operator's business at INFO
+    logging.getLogger("pyghmi").setLevel(logging.WARNING)
+    logging.getLogger("asyncio").setLevel(logging.WARNING)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path),
+    envvar=None,
+    help="Config file (default /etc/metalseed/metalseed.toml or $METALSEED_CONFIG).",
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="State directory (default /var/lib/metalseed or $METALSEED_STATE_DIR).",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default=None,
+    help="Log level for stderr (default info).",
+)
+@click.pass_context
+def cli(
+    ctx: click.Context, config_file: Path | None, state_dir: Path | None, log_level: str | None
+) -> None:
+    """metalseed: find machines over IPMI, netboot them, join them into Ceph."""
+    ctx.obj = Ctx(config_file, {"state_dir": state_dir, "log_level": log_level})
+    _setup_logging(log_level or "warning")
+
+
+# -- nodes and events ---------------------------------------------------------------
+
+
+@cli.group()
+def nodes() -> None:
+    """Read the nodes metalseed knows."""
+
+
+@nodes.command("list")
+@click.option(
+    "--state",
+    "states",
+    multiple=True,
+    type=click.Choice([s.value for s in NodeState]),
+    help="Only nodes in this state (repeatable).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@click.pass_obj
+def nodes_list(obj: Ctx, states: tuple[str, ...], as_json: bool) -> int:
+    store = actions.open_store(obj.config())
+    found = store.list_nodes([NodeState(s) for s in states] if states else None)
+    if as_json:
+        ui.print_json([n.to_json() for n in found])
+        return 0
+    rows = [
+        (
+            n.id,
+            n.state,
+            n.bmc,
+            n.facts.get("power", ""),
+            n.guid or "",
+            ui.ago(n.state_since),
+            n.reason,
+        )
+        for n in found
+    ]
+    ui.print_table(["node", "state", "bmc", "power", "guid", "since", "reason"], rows)
+    return 0
+
+
+@nodes.command("show")
+@click.argument("node")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+@click.pass_obj
+def nodes_show(obj: Ctx, node: str, as_json: bool) -> int:
+    store = actions.open_store(obj.config())
+    found = store.find_node(node)
+    events = store.events(found.id, limit=20)
+    if as_json:
+        data = found.to_json()
+        data["events"] = [e.to_json() for e in events]
+        cred = store.get_credential(found.id)
+        data["bmc_user"] = cred.username if cred else None
+        ui.print_json(data)
+        return 0
+    cred = store.get_credential(found.id)
+    fields = [
+        ("node", found.id),
+        ("state", found.state),
+        ("reason", found.reason),
+        ("since", ui.ago(found.state_since)),
+        ("guid", found.guid),
+        ("bmc", found.bmc),
+        ("bmc user", cred.username if cred else "(none)"),
+    ]
+    fields += [(k, v) for k, v in sorted(found.facts.items()) if k != "fru"]
+    fields += [(f"fru {k}", v) for k, v in sorted(found.facts.get("fru", {}).items())]
+    ui.print_table(["field", "value"], fields)
+    _print_events(events)
+    return 0
+
+
+def _print_events(events) -> None:
+    rows = [
+        (time.strftime("%H:%M:%S", time.localtime(e.ts)), e.node_id, e.kind, e.message)
+        for e in events
+    ]
+    ui.print_table(["time", "node", "kind", "message"], rows)
+
+
+@cli.command()
+@click.argument("node", required=False)
+@click.option("--limit", type=int, default=50, show_default=True, help="Newest N events.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@click.pass_obj
+def events(obj: Ctx, node: str | None, limit: int, as_json: bool) -> int:
+    """The event log: every state change and action, for one node or all."""
+    store = actions.open_store(obj.config())
+    node_id = store.find_node(node).id if node else None
+    found = store.events(node_id, limit=limit)
+    if as_json:
+        ui.print_json([e.to_json() for e in found])
+    else:
+        _print_events(found)
+    return 0
+
+
+# -- discovery and power --------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("ranges", nargs=-1)
+@click.option(
+    "--credentials",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="File with username:password per line, tried in order.",
+)
+@click.option(
+    "--rotate/--no-rotate",
+    default=None,
+    help="Create a dedicated metalseed BMC user with a random password.",
+)
+@click.option("--port", type=int, default=None, help="Default BMC UDP port (623).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array, one object per BMC.")
+@click.pass_obj
+def discover(
+    obj: Ctx,
+    ranges: tuple[str, ...],
+    credentials: Path | None,
+    rotate: bool | None,
+    port: int | None,
+    as_json: bool,
+) -> int:
+    """Sweep RANGEs for BMCs and enroll the machines behind them.
+
+    RANGE is a CIDR (10.0.8.0/22), a range (10.0.8.10-40 or A-B) or an
+    address, each optionally :PORT.
+    """
+    config = obj.config(
+        **{
+            "discovery.credentials_file": credentials,
+            "discovery.rotate": rotate,
+            "bmc.port": port,
+        }
+    )
+    store = actions.open_store(config)
+    driver = actions.power_driver(config)
+    with ui.progress("probing", total=1, enabled=not as_json) as probe_bar:
+        state = {"enroll": None}
+
+        def on_probe(probed: int, found: int, total: int) -> None:
+            probe_bar.update(probed, total, f"probing ({found} BMCs answered)")
+
+        report = actions.run_discovery(
+            config,
+            store,
+            driver,
+            ranges,
+            on_probe=on_probe,
+            on_enrolled=lambda r: state.update(enroll=r),
+        )
+    results = report.results
+    if as_json:
+        ui.print_json([r.to_json() for r in results])
+    else:
+        rows = [
+            (
+                r.node,
+                r.bmc,
+                r.guid,
+                r.state,
+                r.power,
+                r.username or "",
+                "yes" if r.rotated else "",
+                r.error or "",
+            )
+            for r in results
+        ]
+        ui.print_table(["node", "bmc", "guid", "state", "power", "user", "rotated", "error"], rows)
+        ok = sum(1 for r in results if not r.error)
+        click.echo(
+            f"probed {report.sweep.probed} addresses, {len(results)} BMCs answered, "
+            f"{ok} enrolled cleanly, in {report.seconds:.2f} s",
+            err=True,
+        )
+    return 0 if all(not r.error for r in results) else 1
+
+
+def _exit_code(outcomes) -> int:
+    errors = [o.error for o in outcomes if o.error is not None]
+    if not errors:
+        return 0
+    codes = {e.exit_code for e in errors}
+    return codes.pop() if len(codes) == 1 else 1
+
+
+def _print_outcomes(outcomes, as_json: bool, what: str) -> None:
+    if as_json:
+        ui.print_json([o.to_json() for o in outcomes])
+        return
+    rows = [
+        (
+            o.node,
+            o.bmc,
+            o.power,
+            "yes" if o.changed else "",
+            f"{o.seconds:.2f}" if o.seconds else "",
+            str(o.error or ""),
+        )
+        for o in outcomes
+    ]
+    ui.print_table(["node", "bmc", "power", "changed", "seconds", "error"], rows)
+    failed = sum(1 for o in outcomes if o.error)
+    if failed:
+        click.echo(f"{what}: {failed} of {len(outcomes)} nodes failed", err=True)
+
+
+@cli.command()
+@click.argument("action", type=click.Choice(["on", "off", "cycle", "status"]))
+@click.argument("nodes", nargs=-1)
+@click.option("--all", "all_nodes", is_flag=True, help="Every node with a BMC.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@click.pass_obj
+def power(obj: Ctx, action: str, nodes: tuple[str, ...], all_nodes: bool, as_json: bool) -> int:
+    """Power NODEs on, off, cycle them, or read their power state."""
+    config = obj.config()
+    store = actions.open_store(config)
+    targets = actions.resolve_nodes(store, nodes, all_nodes)
+    with ui.progress(f"power {action}", total=len(targets), enabled=not as_json) as bar:
+        outcomes = actions.power(
+            store,
+            actions.power_driver(config),
+            targets,
+            action,
+            concurrency=config.bmc.concurrency,
+            on_done=lambda _: bar.advance(),
+        )
+    _print_outcomes(outcomes, as_json, f"power {action}")
+    return _exit_code(outcomes)
+
+
+@cli.command("boot-device")
+@click.argument("device", type=click.Choice(["pxe", "disk"]))
+@click.argument("nodes", nargs=-1)
+@click.option("--persistent", is_flag=True, help="For every boot, not only the next one.")
+@click.option("--all", "all_nodes", is_flag=True, help="Every node with a BMC.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@click.pass_obj
+def boot_device(
+    obj: Ctx, device: str, nodes: tuple[str, ...], persistent: bool, all_nodes: bool, as_json: bool
+) -> int:
+    """Set the boot device of NODEs (next boot, or every boot with --persistent)."""
+    config = obj.config()
+    store = actions.open_store(config)
+    targets = actions.resolve_nodes(store, nodes, all_nodes)
+    with ui.progress(f"boot device {device}", total=len(targets), enabled=not as_json) as bar:
+        outcomes = actions.boot_device(
+            store,
+            actions.power_driver(config),
+            targets,
+            device,
+            persistent,
+            concurrency=config.bmc.concurrency,
+            on_done=lambda _: bar.advance(),
+        )
+    _print_outcomes(outcomes, as_json, f"boot device {device}")
+    return _exit_code(outcomes)
+
+
+# -- the lab --------------------------------------------------------------------------
+
+
+@cli.group()
+def lab() -> None:
+    """Simulated machines for labs and tests."""
+
+
+@lab.command("bmc")
+@click.option("--count", type=int, default=8, show_default=True, help="How many BMCs.")
+@click.option("--address", default="127.0.1.1", show_default=True, help="First BMC address.")
+@click.option("--port", type=int, default=623, show_default=True, help="(First) UDP port.")
+@click.option(
+    "--vary",
+    type=click.Choice(["address", "port"]),
+    default="address",
+    show_default=True,
+    help="Give each BMC the next address, or the next port.",
+)
+@click.option(
+    "--credentials",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="username:password per line: the users every BMC starts with.",
+)
+@click.option(
+    "--spec",
+    type=click.Path(path_type=Path, exists=True),
+    default=None,
+    help='JSON {"bmcs": [...]} with per-BMC settings and faults (replaces --count).',
+)
+@click.option(
+    "--manifest",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write the BMCs served (JSON, no passwords) here once all are listening.",
+)
+@click.option(
+    "--power-hook",
+    default=None,
+    help="Command run on every power change, with METALSEED_POWER=on|off|reset "
+    "and METALSEED_BMC_* in its environment.",
+)
+@click.option("--powered-on", is_flag=True, help="Machines start powered on.")
+@click.option("--latency", type=float, default=0.0, help="Fault: seconds added to every answer.")
+@click.option("--drop", type=float, default=0.0, help="Fault: probability of dropping a packet.")
+@click.option("--sha1-only", is_flag=True, help="Fault: refuse cipher suite 17 (SHA-256).")
+@click.option("--unresponsive", is_flag=True, help="Fault: answer nothing.")
+@click.option(
+    "--power-delay",
+    type=float,
+    default=0.0,
+    help="Fault: seconds before a power change takes effect.",
+)
+@click.option("--seed", type=int, default=None, help="Random seed for packet drops.")
+def lab_bmc(
+    count: int,
+    address: str,
+    port: int,
+    vary: str,
+    credentials: Path | None,
+    spec: Path | None,
+    manifest: Path | None,
+    power_hook: str | None,
+    powered_on: bool,
+    latency: float,
+    drop: float,
+    sha1_only: bool,
+    unresponsive: bool,
+    power_delay: float,
+    seed: int | None,
+) -> int:
+    """Run simulated BMCs (real IPMI over UDP) until interrupted."""
+    import json
+    import shlex
+
+    from .discovery import load_credentials
+    from .lab.bmcrun import BmcSimulator, BmcSpec, command_power_hook, generate_specs
+    from .lab.bmcsim import Faults
+
+    users = (
+        [(c.username, c.password.reveal()) for c in load_credentials(credentials)]
+        if credentials
+        else []
+    )
+    faults = Faults(
+        latency=latency,
+        drop=drop,
+        unresponsive=unresponsive,
+        sha1_only=sha1_only,
+        power_delay=power_delay,
+    )
+    if spec is not None:
+        try:
+            doc = json.loads(spec.read_text())
+            specs = [BmcSpec.from_json(b) for b in doc["bmcs"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UsageError(f"{spec}: not a BMC spec file ({type(exc).__name__}: {exc})") from None
+    else:
+        specs = generate_specs(
+            count, address, port, vary, faults=faults, power="on" if powered_on else "off"
+        )
+    hook = command_power_hook(shlex.split(power_hook)) if power_hook else None
+    sim = BmcSimulator(specs, default_users=users, power_hook=hook, seed=seed)
+    sim.start()
+    if manifest is not None:
+        sim.write_manifest(manifest)
+    click.echo(
+        f"serving {len(sim.bmcs)} simulated BMCs "
+        f"({specs[0].endpoint} .. {specs[-1].endpoint}); Ctrl-C to stop",
+        err=True,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    sim.run(stop)
+    return 0
+
+
+def main() -> None:
+    try:
+        code = cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except MetalseedError as exc:
+        click.echo(f"metalseed: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()
