@@ -145,9 +145,15 @@ class SqliteStore:
         )
 
     def _insert_event(
-        self, conn: sqlite3.Connection, node_id: str, kind: str, message: str, data: Mapping
+        self,
+        conn: sqlite3.Connection,
+        node_id: str,
+        kind: str,
+        message: str,
+        data: Mapping,
+        ts: float | None = None,
     ) -> Event:
-        ts = self._clock()
+        ts = self._clock() if ts is None else ts
         cur = conn.execute(
             "INSERT INTO events (node_id, ts, kind, message, data) VALUES (?, ?, ?, ?, ?)",
             (node_id, ts, kind, message, json.dumps(dict(data), sort_keys=True)),
@@ -214,7 +220,7 @@ class SqliteStore:
             except sqlite3.IntegrityError as exc:
                 raise ConcurrentUpdate(f"node for {guid or bmc} exists already: {exc}") from None
             self._insert_event(
-                conn, node_id, "state", message or f"new node, {state}", {"to": str(state)}
+                conn, node_id, "state", message or f"new node, {state}", {"to": str(state)}, now
             )
             row = conn.execute("SELECT * FROM nodes WHERE id=?", (node_id,)).fetchone()
         return self._node(row)
@@ -326,7 +332,7 @@ class SqliteStore:
             )
             message = f"{current} -> {target}" + (f": {reason}" if reason else "")
             payload = {"from": str(current), "to": str(target), **(data or {})}
-            self._insert_event(conn, node_id, "state", message, payload)
+            self._insert_event(conn, node_id, "state", message, payload, now)
             row = conn.execute("SELECT * FROM nodes WHERE id=?", (node_id,)).fetchone()
         return self._node(row)
 
