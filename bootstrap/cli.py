@@ -98,19 +98,15 @@ def nodes_list(obj: Ctx, states: tuple[str, ...], as_json: bool) -> int:
     if as_json:
         ui.print_json([n.to_json() for n in found])
         return 0
-    rows = [
-        (
-            n.id,
-            n.state,
-            n.bmc,
-            n.facts.get("power", ""),
-            n.guid or "",
-            ui.ago(n.state_since),
-            n.reason,
-        )
-        for n in found
-    ]
-    ui.print_table(["node", "state", "bmc", "power", "guid", "since", "reason"], rows)
+    rows = []
+    for n in found:
+        cred = store.get_credential(n.id)
+        user = cred.username if cred else ""
+        power = n.facts.get("power", "")
+        since = ui.ago(n.state_since)
+        rows.append((n.id, n.state, n.bmc, user, power, n.guid or "", since, n.reason))
+    headers = ["node", "state", "bmc", "bmc user", "power", "guid", "since", "reason"]
+    ui.print_table(headers, rows)
     return 0
 
 

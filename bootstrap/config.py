@@ -59,8 +59,8 @@ class DiscoveryConfig:
     rotate: bool = False
     #: the BMC user metalseed creates when rotating
     rotate_username: str = "metalseed"
-    #: seconds to wait for answers to one round of presence probes
-    probe_timeout: float = 0.6
+    #: seconds a BMC has to answer a presence probe (retries are spaced within it)
+    probe_timeout: float = 0.5
     #: probe rounds (unanswered addresses are probed again)
     probe_rounds: int = 3
     #: probes in flight at once

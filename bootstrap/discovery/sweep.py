@@ -1,7 +1,8 @@
 """Sweep address ranges for BMCs: concurrent presence probes over one UDP socket.
 
 Every address gets a probe; unanswered ones are probed again for a few rounds
-(UDP and busy BMCs drop packets). Probes are paced in windows so a /16 does not
+(UDP and busy BMCs drop packets). Retries go out early, spaced within one
+timeout, so a sweep costs about two timeouts however many addresses are dead. Probes are paced in windows so a /16 does not
 flood the segment. Only responders go on to the (expensive) authenticated stage.
 """
 
@@ -86,8 +87,11 @@ async def _sweep(
                 await asyncio.sleep(0.002 if len(pending) > window else 0)
                 if progress:
                     progress(probed, len(prober.found), len(targets))
+            # Re-probe the silent ones early, within one timeout; only after the
+            # last round wait the full timeout for slow answers.
+            last = round_no == rounds - 1
             try:
-                await asyncio.wait_for(prober.all_found.wait(), timeout)
+                await asyncio.wait_for(prober.all_found.wait(), timeout if last else timeout / rounds)
             except TimeoutError:
                 pass
             if progress:
