@@ -208,19 +208,19 @@ def discover(
     )
     store = actions.open_store(config)
     driver = actions.power_driver(config)
-    with ui.progress("probing", total=1, enabled=not as_json) as probe_bar:
-        state = {"enroll": None}
+    with ui.progress("probing", total=1, enabled=not as_json) as bar:
+        seen = {"found": 0, "enrolled": 0}
 
         def on_probe(probed: int, found: int, total: int) -> None:
-            probe_bar.update(probed, total, f"probing ({found} BMCs answered)")
+            seen["found"] = found
+            bar.update(probed, total, f"probing ({found} BMCs answered)")
+
+        def on_enrolled(result) -> None:
+            seen["enrolled"] += 1
+            bar.update(seen["enrolled"], seen["found"], "logging in to BMCs")
 
         report = actions.run_discovery(
-            config,
-            store,
-            driver,
-            ranges,
-            on_probe=on_probe,
-            on_enrolled=lambda r: state.update(enroll=r),
+            config, store, driver, ranges, on_probe=on_probe, on_enrolled=on_enrolled
         )
     results = report.results
     if as_json:

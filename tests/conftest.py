@@ -49,15 +49,24 @@ def state_dir(tmp_path: Path) -> Path:
     return tmp_path / "state"
 
 
-def cli(*args: str, state_dir: Path | None = None, check: bool = True, timeout: float = 120,
-        env: dict | None = None) -> subprocess.CompletedProcess:
+def cli(
+    *args: str,
+    state_dir: Path | None = None,
+    check: bool = True,
+    timeout: float = 120,
+    env: dict | None = None,
+) -> subprocess.CompletedProcess:
     """Run ``metalseed ARGS`` as an operator would, capturing output."""
     argv = [sys.executable, "-m", "bootstrap"]
     if state_dir is not None:
         argv += ["--state-dir", str(state_dir)]
     argv += list(args)
     proc = subprocess.run(
-        argv, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
         env={**os.environ, **(env or {})},
     )
     if check and proc.returncode != 0:

@@ -91,7 +91,9 @@ async def _sweep(
             # last round wait the full timeout for slow answers.
             last = round_no == rounds - 1
             try:
-                await asyncio.wait_for(prober.all_found.wait(), timeout if last else timeout / rounds)
+                await asyncio.wait_for(
+                    prober.all_found.wait(), timeout if last else timeout / rounds
+                )
             except TimeoutError:
                 pass
             if progress:

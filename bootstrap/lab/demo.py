@@ -50,8 +50,21 @@ def main() -> int:
     print(f"metalseed demo: {args.count} simulated BMCs on 127.0.1.1-{args.count}, UDP port {port}")
     print(f"state directory {state}")
     sim = subprocess.Popen(
-        [*me, "lab", "bmc", "--count", str(args.count), "--address", "127.0.1.1",
-         "--port", str(port), "--credentials", str(creds), "--manifest", str(manifest)],
+        [
+            *me,
+            "lab",
+            "bmc",
+            "--count",
+            str(args.count),
+            "--address",
+            "127.0.1.1",
+            "--port",
+            str(port),
+            "--credentials",
+            str(creds),
+            "--manifest",
+            str(manifest),
+        ],
         stderr=subprocess.DEVNULL,
     )
     timings: dict[str, float] = {}
@@ -62,19 +75,38 @@ def main() -> int:
                 print("the BMC simulator did not start", file=sys.stderr)
                 return 1
             time.sleep(0.05)
-        print(f"$ metalseed lab bmc --count {args.count} --address 127.0.1.1 --port {port} "
-              f"--credentials {creds} &   (pid {sim.pid})")
+        print(
+            f"$ metalseed lab bmc --count {args.count} --address 127.0.1.1 --port {port} "
+            f"--credentials {creds} &   (pid {sim.pid})"
+        )
 
         timings["discover + rotate"] = _run(
-            [*ms, "discover", f"127.0.1.0/28:{port}", "--credentials", str(creds), "--rotate"])
+            [*ms, "discover", f"127.0.1.0/28:{port}", "--credentials", str(creds), "--rotate"]
+        )
         timings["boot-device pxe"] = _run([*ms, "boot-device", "pxe", "--all"])
         timings["power on"] = _run([*ms, "power", "on", "--all"])
         _run([*ms, "nodes", "list"])
         env = {**os.environ, "IPMI_PASSWORD": FACTORY_PASSWORD}
-        _run(["ipmitool", "-I", "lanplus", "-H", "127.0.1.3", "-p", str(port), "-U", "admin",
-              "-E", "power", "status"], env=env)
+        _run(
+            [
+                "ipmitool",
+                "-I",
+                "lanplus",
+                "-H",
+                "127.0.1.3",
+                "-p",
+                str(port),
+                "-U",
+                "admin",
+                "-E",
+                "power",
+                "status",
+            ],
+            env=env,
+        )
         timings["re-discover (idempotent)"] = _quiet(
-            [*ms, "discover", f"127.0.1.0/28:{port}", "--credentials", str(creds), "--rotate"])
+            [*ms, "discover", f"127.0.1.0/28:{port}", "--credentials", str(creds), "--rotate"]
+        )
         _run([*ms, "events", "--limit", "6"])
         print("\ntimings:")
         for what, seconds in timings.items():

@@ -15,16 +15,26 @@ def ipmitool(bmc: str, *args: str, password: str = FACTORY_PASSWORD, user: str =
     # ipmitool reads the password from the environment with -E: not on the command line
     return subprocess.run(
         ["ipmitool", "-I", "lanplus", "-H", host, "-p", port, "-U", user, "-E", *args],
-        capture_output=True, text=True, timeout=30, env={"IPMI_PASSWORD": password},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"IPMI_PASSWORD": password},
     )
 
 
 @pytest.mark.peer
-def test_discover_enrolls_every_bmc_and_power_matches_ipmitool(bmc_sim, addr_block, creds_file,
-                                                             state_dir):
+def test_discover_enrolls_every_bmc_and_power_matches_ipmitool(
+    bmc_sim, addr_block, creds_file, state_dir
+):
     sim = bmc_sim("--count", "4", "--address", f"{addr_block}.1", "--port", "6230")
-    out = cli("discover", f"{addr_block}.0/24:6230", "--credentials", str(creds_file), "--json",
-              state_dir=state_dir)
+    out = cli(
+        "discover",
+        f"{addr_block}.0/24:6230",
+        "--credentials",
+        str(creds_file),
+        "--json",
+        state_dir=state_dir,
+    )
     found = json.loads(out.stdout)
     assert sorted(r["bmc"] for r in found) == sorted(sim.endpoints())
     assert {r["guid"] for r in found} == {b["guid"] for b in sim.bmcs}

@@ -47,8 +47,16 @@ def by_bmc(rows):
 @pytest.mark.peer
 def test_discovery_of_a_misbehaving_rack(rack, addr_block, creds_file, state_dir):
     sim, where = rack
-    proc = cli("discover", f"{addr_block}.0/24:{PORT}", "--credentials", str(creds_file), "--json",
-               state_dir=state_dir, check=False, timeout=180)
+    proc = cli(
+        "discover",
+        f"{addr_block}.0/24:{PORT}",
+        "--credentials",
+        str(creds_file),
+        "--json",
+        state_dir=state_dir,
+        check=False,
+        timeout=180,
+    )
     assert proc.returncode == 1, proc.stderr  # some BMCs failed: not a clean run
     assert "Traceback" not in proc.stderr
     rows = by_bmc(json.loads(proc.stdout))
@@ -72,8 +80,15 @@ def test_discovery_of_a_misbehaving_rack(rack, addr_block, creds_file, state_dir
 @pytest.mark.peer
 def test_power_across_the_rack_reports_each_node(rack, addr_block, creds_file, state_dir):
     sim, where = rack
-    cli("discover", f"{addr_block}.0/24:{PORT}", "--credentials", str(creds_file),
-        state_dir=state_dir, check=False, timeout=180)
+    cli(
+        "discover",
+        f"{addr_block}.0/24:{PORT}",
+        "--credentials",
+        str(creds_file),
+        state_dir=state_dir,
+        check=False,
+        timeout=180,
+    )
     proc = cli("power", "on", "--all", "--json", state_dir=state_dir, check=False, timeout=180)
     rows = by_bmc(json.loads(proc.stdout))
     assert proc.returncode != 0
@@ -97,19 +112,27 @@ def test_power_across_the_rack_reports_each_node(rack, addr_block, creds_file, s
 
 
 @pytest.mark.peer
-def test_wrong_password_after_enrollment_is_fatal_and_named(bmc_sim, addr_block, creds_file,
-                                                           state_dir, tmp_path):
+def test_wrong_password_after_enrollment_is_fatal_and_named(
+    bmc_sim, addr_block, creds_file, state_dir, tmp_path
+):
     first = bmc_sim("--count", "1", "--address", f"{addr_block}.1", "--port", str(PORT))
-    row = json.loads(cli("discover", f"{addr_block}.1:{PORT}", "--credentials", str(creds_file),
-                         "--json", state_dir=state_dir).stdout)[0]
+    row = json.loads(
+        cli(
+            "discover",
+            f"{addr_block}.1:{PORT}",
+            "--credentials",
+            str(creds_file),
+            "--json",
+            state_dir=state_dir,
+        ).stdout
+    )[0]
     # The BMC is reset to another password behind our back (same address, same GUID).
     first.proc.terminate()
     first.proc.wait(10)
     other = tmp_path / "other-creds"
     other.write_text("admin:changed-by-someone\n")
     other.chmod(0o600)
-    bmc_sim("--count", "1", "--address", f"{addr_block}.1", "--port", str(PORT),
-            credentials=other)
+    bmc_sim("--count", "1", "--address", f"{addr_block}.1", "--port", str(PORT), credentials=other)
     proc = cli("power", "status", row["node"], "--json", state_dir=state_dir, check=False)
     assert proc.returncode == 77
     [status] = json.loads(proc.stdout)
@@ -119,11 +142,20 @@ def test_wrong_password_after_enrollment_is_fatal_and_named(bmc_sim, addr_block,
 
 
 @pytest.mark.peer
-def test_a_bmc_that_dies_after_enrollment_times_out_cleanly(bmc_sim, addr_block, creds_file,
-                                                          state_dir):
+def test_a_bmc_that_dies_after_enrollment_times_out_cleanly(
+    bmc_sim, addr_block, creds_file, state_dir
+):
     sim = bmc_sim("--count", "1", "--address", f"{addr_block}.1", "--port", str(PORT))
-    row = json.loads(cli("discover", f"{addr_block}.1:{PORT}", "--credentials", str(creds_file),
-                         "--json", state_dir=state_dir).stdout)[0]
+    row = json.loads(
+        cli(
+            "discover",
+            f"{addr_block}.1:{PORT}",
+            "--credentials",
+            str(creds_file),
+            "--json",
+            state_dir=state_dir,
+        ).stdout
+    )[0]
     sim.proc.terminate()
     sim.proc.wait(10)
     env = {"METALSEED_BMC_ATTEMPTS": "2", "METALSEED_BMC_BACKOFF": "0.1"}

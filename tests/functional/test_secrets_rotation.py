@@ -34,13 +34,22 @@ def stored_passwords(state_dir: Path) -> list[str]:
 
 
 @pytest.mark.peer
-def test_no_password_appears_in_logs_output_state_or_arguments(bmc_sim, addr_block, creds_file,
-                                                              state_dir):
+def test_no_password_appears_in_logs_output_state_or_arguments(
+    bmc_sim, addr_block, creds_file, state_dir
+):
     sim = bmc_sim("--count", "3", "--address", f"{addr_block}.1", "--port", str(PORT))
     outputs = []
     for args in (
-        ["--log-level", "debug", "discover", f"{addr_block}.0/29:{PORT}", "--credentials",
-         str(creds_file), "--rotate", "--json"],
+        [
+            "--log-level",
+            "debug",
+            "discover",
+            f"{addr_block}.0/29:{PORT}",
+            "--credentials",
+            str(creds_file),
+            "--rotate",
+            "--json",
+        ],
         ["--log-level", "debug", "power", "on", "--all", "--json"],
         ["--log-level", "debug", "power", "status", "--all"],
         ["nodes", "list", "--json"],
@@ -67,22 +76,37 @@ def test_no_password_appears_in_logs_output_state_or_arguments(bmc_sim, addr_blo
     rows = json.loads(cli("power", "status", "--all", "--json", state_dir=state_dir).stdout)
     assert all(r["power"] == "on" for r in rows)
     # which rotated password belongs to which BMC is not printed anywhere; one of them works
-    attempts = [ipmitool(rows[0]["bmc"], "power", "status", user="metalseed", password=p)
-                for p in rotated]
+    attempts = [
+        ipmitool(rows[0]["bmc"], "power", "status", user="metalseed", password=p) for p in rotated
+    ]
     assert [a.returncode for a in attempts].count(0) == 1, [a.stderr for a in attempts]
 
 
 @pytest.mark.peer
-def test_killing_discover_mid_rotation_never_locks_us_out(bmc_sim, addr_block, creds_file,
-                                                         state_dir):
-    sim = bmc_sim("--count", "6", "--address", f"{addr_block}.1", "--port", str(PORT),
-                  "--latency", "0.02")
-    argv = [sys.executable, "-m", "bootstrap", "--state-dir", str(state_dir), "discover",
-            f"{addr_block}.0/29:{PORT}", "--credentials", str(creds_file), "--rotate", "--json"]
+def test_killing_discover_mid_rotation_never_locks_us_out(
+    bmc_sim, addr_block, creds_file, state_dir
+):
+    sim = bmc_sim(
+        "--count", "6", "--address", f"{addr_block}.1", "--port", str(PORT), "--latency", "0.02"
+    )
+    argv = [
+        sys.executable,
+        "-m",
+        "bootstrap",
+        "--state-dir",
+        str(state_dir),
+        "discover",
+        f"{addr_block}.0/29:{PORT}",
+        "--credentials",
+        str(creds_file),
+        "--rotate",
+        "--json",
+    ]
     killed = 0
     for delay in (0.45, 0.6, 0.75, 0.9, 1.1, 1.3):
-        proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         time.sleep(delay)
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
@@ -90,9 +114,18 @@ def test_killing_discover_mid_rotation_never_locks_us_out(bmc_sim, addr_block, c
         proc.wait(30)
     assert killed >= 3, "the runs finished before they could be interrupted"
 
-    final = json.loads(cli("discover", f"{addr_block}.0/29:{PORT}", "--credentials",
-                           str(creds_file), "--rotate", "--json", state_dir=state_dir,
-                           timeout=180).stdout)
+    final = json.loads(
+        cli(
+            "discover",
+            f"{addr_block}.0/29:{PORT}",
+            "--credentials",
+            str(creds_file),
+            "--rotate",
+            "--json",
+            state_dir=state_dir,
+            timeout=180,
+        ).stdout
+    )
     assert len(final) == 6
     assert {r["state"] for r in final} == {"enrolled"}
     assert {r["username"] for r in final} == {"metalseed"}

@@ -40,8 +40,13 @@ def test_config_file_from_environment_variable(tmp_path):
 
 
 def test_env_lists_are_comma_separated_and_booleans_parsed():
-    config = load(None, env={"METALSEED_DISCOVERY_RANGES": "10.0.0.1, 10.0.0.2",
-                             "METALSEED_DISCOVERY_ROTATE": "yes"})
+    config = load(
+        None,
+        env={
+            "METALSEED_DISCOVERY_RANGES": "10.0.0.1, 10.0.0.2",
+            "METALSEED_DISCOVERY_ROTATE": "yes",
+        },
+    )
     assert config.discovery.ranges == ("10.0.0.1", "10.0.0.2")
     assert config.discovery.rotate is True
 

@@ -25,8 +25,9 @@ def store(tmp_path):
 def make(store, machines, candidates=(FACTORY,), **kwargs):
     drv = FakePowerDriver(machines, attempts=1, sleep=lambda s: None)
     passwords = iter(f"rotated-{i}" for i in range(100))
-    return Enroller(store, drv, list(candidates), new_password=lambda: Secret(next(passwords)),
-                    **kwargs)
+    return Enroller(
+        store, drv, list(candidates), new_password=lambda: Secret(next(passwords)), **kwargs
+    )
 
 
 def test_first_enroll_creates_an_enrolled_node_with_its_login(store):
@@ -59,8 +60,9 @@ def test_changed_address_updates_not_duplicates(store):
 
 def test_credentials_are_tried_in_order(store):
     machine = FakeMachine(username="root", password="calvin")
-    result = make(store, {A1: machine},
-                  candidates=[FACTORY, Credential("root", "calvin")]).enroll(A1)
+    result = make(store, {A1: machine}, candidates=[FACTORY, Credential("root", "calvin")]).enroll(
+        A1
+    )
     assert result.username == "root"
     assert machine.calls.count("login") == 2
 
@@ -131,7 +133,9 @@ def test_a_crash_at_any_rotation_step_never_locks_us_out(store, step):
 
     # After the "crash": whatever is stored must log in, and a re-run completes.
     node = store.find_node(machine.guid)
-    logins = [c for c in (store.get_credential(node.id), store.get_pending_credential(node.id)) if c]
+    logins = [
+        c for c in (store.get_credential(node.id), store.get_pending_credential(node.id)) if c
+    ]
     drv = FakePowerDriver({A1: machine}, attempts=1)
     assert any(_works(drv, c) for c in logins)
     result = make(store, {A1: machine}, rotate=True).enroll(A1)

@@ -13,8 +13,9 @@ def _checksum(data: bytes) -> int:
     return (-sum(data)) & 0xFF
 
 
-def answer(data: bytes, completion: int = 0, netfn: int = 0x07, cmd: int = 0x38,
-           rmcp_plus: bool = False) -> bytes:
+def answer(
+    data: bytes, completion: int = 0, netfn: int = 0x07, cmd: int = 0x38, rmcp_plus: bool = False
+) -> bytes:
     head = bytes([0x81, netfn << 2])
     body = bytes([0x20, 0x00, cmd, completion]) + data
     message = head + bytes([_checksum(head)]) + body + bytes([_checksum(body)])

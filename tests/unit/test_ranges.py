@@ -22,17 +22,32 @@ def test_slash_32_and_31_are_every_address():
 
 def test_ranges_long_and_short_form_with_port():
     assert hosts(parse_range("10.0.8.10-12:6230")) == [
-        "10.0.8.10:6230", "10.0.8.11:6230", "10.0.8.12:6230"]
+        "10.0.8.10:6230",
+        "10.0.8.11:6230",
+        "10.0.8.12:6230",
+    ]
     assert len(parse_range("10.0.8.250-10.0.9.5")) == 12
 
 
 def test_single_address_and_dedup_in_order():
     assert parse_ranges(["10.0.0.2", "10.0.0.1-2", "10.0.0.2:623"]) == [
-        BmcAddress("10.0.0.2"), BmcAddress("10.0.0.1")]
+        BmcAddress("10.0.0.2"),
+        BmcAddress("10.0.0.1"),
+    ]
 
 
-@pytest.mark.parametrize("text", ["10.0.0.300", "10.0.0.5-1", "10.0.0.0/33", "nope",
-                                  "10.0.0.1:99999", "10.0.0.1:x", "10.0.0.0/8"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "10.0.0.300",
+        "10.0.0.5-1",
+        "10.0.0.0/33",
+        "nope",
+        "10.0.0.1:99999",
+        "10.0.0.1:x",
+        "10.0.0.0/8",
+    ],
+)
 def test_bad_ranges_are_usage_errors(text):
     with pytest.raises(UsageError):
         parse_range(text)

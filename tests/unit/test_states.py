@@ -1,7 +1,14 @@
 import pytest
 
 from bootstrap.errors import IllegalTransition
-from bootstrap.states import DEFAULT_TIMEOUTS, INITIAL, TRANSITIONS, NodeState, check_transition, overdue
+from bootstrap.states import (
+    DEFAULT_TIMEOUTS,
+    INITIAL,
+    TRANSITIONS,
+    NodeState,
+    check_transition,
+    overdue,
+)
 
 S = NodeState
 
@@ -14,7 +21,12 @@ def test_happy_path_is_a_chain_of_legal_edges():
 
 @pytest.mark.parametrize(
     "current,target",
-    [(S.DISCOVERED, S.ACTIVE), (S.ENROLLED, S.ACTIVE), (S.RETIRED, S.ACTIVE), (S.ACTIVE, S.BOOTING)],
+    [
+        (S.DISCOVERED, S.ACTIVE),
+        (S.ENROLLED, S.ACTIVE),
+        (S.RETIRED, S.ACTIVE),
+        (S.ACTIVE, S.BOOTING),
+    ],
 )
 def test_skipping_states_is_illegal(current, target):
     with pytest.raises(IllegalTransition, match=f"{current} -> {target}"):

@@ -56,8 +56,9 @@ def test_same_guid_cannot_become_two_nodes(store):
 
 def test_a_bmc_address_answering_for_a_new_machine_moves_to_it(store):
     old = store.create_node(guid=GUID, bmc=BmcAddress("10.0.0.5"), state=S.DISCOVERED)
-    new = store.create_node(guid="11111111-2222-4333-8444-555555555555",
-                            bmc=BmcAddress("10.0.0.5"), state=S.DISCOVERED)
+    new = store.create_node(
+        guid="11111111-2222-4333-8444-555555555555", bmc=BmcAddress("10.0.0.5"), state=S.DISCOVERED
+    )
     assert store.get_node(old.id).bmc is None
     assert store.get_node(new.id).bmc == BmcAddress("10.0.0.5")
     assert "another machine" in store.events(old.id)[-1].message
@@ -144,7 +145,7 @@ def test_secret_never_shows_itself():
         assert "hunter2" not in text
 
 
-CRASH_SCRIPT = textwrap.dedent('''
+CRASH_SCRIPT = textwrap.dedent("""
     import os, sys
     from bootstrap.secretbox import SecretBox
     from bootstrap.store.sqlite import SqliteStore
@@ -159,14 +160,16 @@ CRASH_SCRIPT = textwrap.dedent('''
         os._exit(9)
     store._insert_event = crash_after_update
     store.transition(sys.argv[2], NodeState.ENROLLED, "about to crash")
-''')
+""")
 
 
 def test_crash_mid_transition_leaves_the_node_as_it_was(store, tmp_path):
     node = store.create_node(guid=GUID, bmc=None, state=S.DISCOVERED)
     store.close()
-    proc = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, str(tmp_path), node.id],
-                          env={**os.environ, "PYTHONPATH": os.getcwd()})
+    proc = subprocess.run(
+        [sys.executable, "-c", CRASH_SCRIPT, str(tmp_path), node.id],
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
     assert proc.returncode == 9
     reopened = SqliteStore(tmp_path / "state.db", SecretBox(tmp_path / "secret.key"))
     assert reopened.get_node(node.id).state == S.DISCOVERED
