@@ -2,8 +2,9 @@
 
 Every address gets a probe; unanswered ones are probed again for a few rounds
 (UDP and busy BMCs drop packets). Retries go out early, spaced within one
-timeout, so a sweep costs about two timeouts however many addresses are dead. Probes are paced in windows so a /16 does not
-flood the segment. Only responders go on to the (expensive) authenticated stage.
+timeout, so a sweep costs about two timeouts however many addresses are dead.
+Probes are paced in windows so a /16 does not flood the segment. Only responders
+go on to the (expensive) authenticated stage.
 """
 
 from __future__ import annotations

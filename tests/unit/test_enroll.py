@@ -1,4 +1,4 @@
-"""Enrollment: idempotent identity, credential order, crash-safe rotation (fake BMCs, real store)."""
+"""Enrollment: idempotent identity, login order, crash-safe rotation (fake BMCs, real store)."""
 
 import pytest
 

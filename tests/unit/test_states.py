@@ -15,7 +15,7 @@ S = NodeState
 
 def test_happy_path_is_a_chain_of_legal_edges():
     chain = [S.DISCOVERED, S.ENROLLED, S.BOOTING, S.ENLISTED, S.JOINING, S.ACTIVE]
-    for current, target in zip(chain, chain[1:]):
+    for current, target in zip(chain, chain[1:], strict=False):
         check_transition(current, target)
 
 
