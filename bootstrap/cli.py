@@ -31,7 +31,9 @@ class Ctx:
         self.flags = flags
 
     def config(self, **more) -> configmod.Config:
-        return configmod.load(self.config_file, flags={**self.flags, **more})
+        config = configmod.load(self.config_file, flags={**self.flags, **more})
+        logging.getLogger().setLevel(config.log_level.upper())
+        return config
 
 
 def _setup_logging(level: str) -> None:
@@ -71,7 +73,7 @@ def cli(
 ) -> None:
     """metalseed: find machines over IPMI, netboot them, join them into Ceph."""
     ctx.obj = Ctx(config_file, {"state_dir": state_dir, "log_level": log_level})
-    _setup_logging(log_level or "warning")
+    _setup_logging(log_level or "info")
 
 
 # -- nodes and events ---------------------------------------------------------------

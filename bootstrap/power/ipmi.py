@@ -169,7 +169,9 @@ class IpmiPowerDriver(PowerDriver):
         try:
             guid = decode_system_guid(guid_raw)
         except ValueError as exc:
-            raise BmcCommandError(f"BMC {conn.target.address}: {exc}", node=conn.target.label)
+            raise BmcCommandError(
+                f"BMC {conn.target.address}: {exc}", node=conn.target.label
+            ) from None
         mfg = int.from_bytes(dev[6:9], "little") if len(dev) >= 9 else 0
         product = struct.unpack("<H", dev[9:11])[0] if len(dev) >= 11 else 0
         firmware = f"{dev[2] & 0x7F}.{dev[3]:02x}" if len(dev) >= 4 else ""
@@ -193,7 +195,10 @@ class IpmiPowerDriver(PowerDriver):
             )
         except BmcCommandError:
             return None  # not every BMC answers; the MAC is nice to have
-        return ":".join(f"{b:02x}" for b in data[1:7]) if len(data) >= 7 else None
+        mac = data[1:7]
+        if len(mac) < 6 or not any(mac):
+            return None  # an all-zero MAC (OpenIPMI's ipmi_sim) says "not configured"
+        return ":".join(f"{b:02x}" for b in mac)
 
     def _fru(self, conn: _Conn) -> dict[str, str]:
         try:

@@ -60,7 +60,9 @@ def test_timeouts_are_retried_with_growing_backoff_and_relogin(clock):
     machine.errors.extend([BmcTimeout("no answer"), BmcTimeout("no answer")])
     assert driver(clock, machine).power_state(TARGET) == "off"
     assert len(clock.sleeps) == 2
-    assert clock.sleeps[1] > clock.sleeps[0] * 1.0  # doubling, jitter within 0.5x-1.5x
+    # the base delay doubles (1 s, then 2 s); jitter scales each by 0.5x-1.5x
+    assert 0.5 <= clock.sleeps[0] <= 1.5
+    assert 1.0 <= clock.sleeps[1] <= 3.0
     assert machine.calls.count("login") == 3  # each retry logs in afresh
 
 
@@ -112,3 +114,14 @@ def test_unknown_bmc_times_out_after_retries(clock):
     drv = FakePowerDriver({}, clock=clock, sleep=clock.sleep, attempts=2, backoff=0.1)
     with pytest.raises(BmcTimeout):
         drv.power_state(TARGET)
+
+
+def test_backoff_doubles_without_jitter(clock):
+    class Midpoint:  # random() == 0.5 makes the jitter factor exactly 1
+        def random(self):
+            return 0.5
+
+    machine = FakeMachine()
+    machine.errors.extend([BmcTimeout("no answer"), BmcTimeout("no answer")])
+    assert driver(clock, machine, rng=Midpoint()).power_state(TARGET) == "off"
+    assert clock.sleeps == [1.0, 2.0]
