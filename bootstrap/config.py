@@ -68,11 +68,46 @@ class DiscoveryConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class BootConfig:
+    """The boot services of `metalseed serve` (DHCP, TFTP, HTTP, IPv6 RA)."""
+
+    #: the provisioning interface; every service binds to it (or its address) only
+    interface: str = ""
+    #: "full" (address pool and leases) or "proxy" (PXE options only, next to another server)
+    mode: str = "full"
+    #: full mode: first-last address handed out, e.g. "10.20.0.100-10.20.0.199"
+    pool: str = ""
+    #: seconds a lease lasts (full mode)
+    lease_time: int = 3600
+    #: full mode: the router option; "" means none
+    router: str = ""
+    #: full mode: DNS servers handed out
+    dns: tuple[str, ...] = ()
+    #: start even when another DHCP server answers on the segment (full mode)
+    force: bool = False
+    #: seconds to listen for another DHCP server before starting (full mode)
+    probe_seconds: float = 2.0
+    #: HTTP port of the boot server
+    http_port: int = 80
+    #: TFTP port (iPXE binaries only)
+    tftp_port: int = 69
+    #: where the iPXE binaries come from (Debian's ipxe package)
+    ipxe_dir: Path = Path("/usr/lib/ipxe")
+    #: answer IPv6 router solicitations so iPXE does not wait for SLAAC
+    router_advertisements: bool = True
+    #: seconds a join token minted into a boot script stays valid
+    token_ttl: int = 3600
+    #: extra kernel command line for the node image
+    kernel_args: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     state_dir: Path = Path("/var/lib/metalseed")
     log_level: str = "info"
     bmc: BmcConfig = BmcConfig()
     discovery: DiscoveryConfig = DiscoveryConfig()
+    boot: BootConfig = BootConfig()
 
     @property
     def db_path(self) -> Path:
@@ -82,8 +117,12 @@ class Config:
     def key_path(self) -> Path:
         return self.state_dir / "secret.key"
 
+    @property
+    def images_dir(self) -> Path:
+        return self.state_dir / "images"
 
-_SECTIONS: dict[str, type] = {"bmc": BmcConfig, "discovery": DiscoveryConfig}
+
+_SECTIONS: dict[str, type] = {"bmc": BmcConfig, "discovery": DiscoveryConfig, "boot": BootConfig}
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -242,3 +281,8 @@ def _validate(config: Config) -> None:
         raise ConfigError("bmc.port must be a UDP port number")
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError("log_level must be one of debug, info, warning, error")
+    if config.boot.mode not in ("full", "proxy"):
+        raise ConfigError("boot.mode must be full or proxy")
+    for name in ("http_port", "tftp_port"):
+        if not 0 < getattr(config.boot, name) < 65536:
+            raise ConfigError(f"boot.{name} must be a port number")

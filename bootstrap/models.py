@@ -127,3 +127,31 @@ class Event:
             "message": self.message,
             "data": dict(self.data),
         }
+
+
+@dataclasses.dataclass(frozen=True)
+class Lease:
+    """A DHCP lease (full mode). ``state``: offered, bound, released or declined."""
+
+    ip: str
+    mac: str
+    state: str
+    expires: float
+    hostname: str = ""
+    node_id: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenRecord:
+    """What the store keeps of a minted token: its hash, never the token."""
+
+    hash: str
+    node_id: str
+    mac: str
+    purpose: str
+    expires: float
+    created: float
+    used: float | None = None

@@ -9,7 +9,16 @@ APT_PACKAGES=(
   python3-venv python3-dev   # the venv is made from Debian's python3 (for python3-rados later)
   ipmitool                   # peer IPMI client: tests and the benchmark baseline
   openipmi                   # ipmi_sim: a BMC nobody here wrote, for the tests
-  iproute2 procps            # ip, ps for tests and the lab
+  iproute2 procps iputils-ping  # ip, ps, ping for tests and the lab
+  ipxe                       # undionly.kpxe, ipxe.efi, snponly.efi served over TFTP
+  ipxe-qemu qemu-system-x86  # QEMU machines with real iPXE NIC ROMs (TCG here)
+  busybox-static cpio        # the small call-back initramfs for netboot tests and the demo
+  udhcpc isc-dhcp-client     # DHCP clients nobody here wrote, for the tests
+  dnsmasq-base               # the "existing DHCP server" in proxy-mode tests; DHCP peer in bench
+  kea-admin                  # perfdhcp, ISC's DHCP benchmark
+  tftp-hpa tftpd-hpa curl    # TFTP client/server peers; curl for HTTP and tftp:// tests
+  nginx-light wrk            # HTTP peer and load generator for the bench
+  libpcap0.8                 # scapy's packet filters
 )
 
 missing=()

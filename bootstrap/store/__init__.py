@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
-from ..models import BmcAddress, Credential, Event, Node
+from ..models import BmcAddress, Credential, Event, Lease, Node, TokenRecord
 from ..states import NodeState
 
 
@@ -78,3 +78,36 @@ class StateStore(Protocol):
         """Record (or clear) a credential about to be written to the BMC."""
 
     def close(self) -> None: ...
+
+    # -- boot: MACs, leases, reservations, tokens -------------------------------
+
+    def mac_node(self, mac: str) -> str | None:
+        """The node a MAC is bound to, or None (unknown, or seen but unmatched)."""
+
+    def bind_mac(self, mac: str, node_id: str | None, *, uuid: str | None = None) -> None:
+        """Remember a MAC (and the UUID it booted with), bound to a node or not."""
+
+    def macs(self, node_id: str | None = None) -> list[dict[str, Any]]:
+        """Known MACs: ``{"mac", "node_id", "uuid", "first_seen", "last_seen"}``."""
+
+    def leases(self) -> list[Lease]: ...
+
+    def put_lease(self, lease: Lease) -> None:
+        """Insert or replace the lease on ``lease.ip``."""
+
+    def delete_lease(self, ip: str) -> None: ...
+
+    def reservations(self) -> dict[str, str]:
+        """MAC -> reserved IP address."""
+
+    def reserve(self, mac: str, ip: str, node_id: str | None = None) -> None:
+        """Pin ``ip`` to ``mac``; an address reserved for another MAC is an error."""
+
+    def add_token(
+        self, hash: str, *, node_id: str, mac: str, purpose: str, expires: float
+    ) -> None: ...
+
+    def get_token(self, hash: str) -> TokenRecord | None: ...
+
+    def use_token(self, hash: str) -> TokenRecord | None:
+        """Mark a live token used, atomically; None if unknown, expired or already used."""

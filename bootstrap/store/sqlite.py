@@ -23,6 +23,7 @@ from ..errors import ConcurrentUpdate, NotFoundError, StoreError
 from ..models import BmcAddress, Credential, Event, Node
 from ..secretbox import SecretBox
 from ..states import NodeState, check_transition
+from .sqlite_boot import BOOT_SCHEMA, BootTablesMixin
 
 SCHEMA_VERSION = 1
 
@@ -68,7 +69,7 @@ def node_id_for(guid: str | None, bmc: BmcAddress | None) -> str:
     return "node-" + hashlib.sha256(key).hexdigest()[:8]
 
 
-class SqliteStore:
+class SqliteStore(BootTablesMixin):
     def __init__(self, path: Path, secrets: SecretBox, clock: Callable[[], float] = time.time):
         self._path = path
         self._secrets = secrets
@@ -89,7 +90,7 @@ class SqliteStore:
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
                 conn.execute("PRAGMA foreign_keys=ON")
-                conn.executescript(SCHEMA)
+                conn.executescript(SCHEMA + BOOT_SCHEMA)
                 conn.execute(
                     "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)",
                     (str(SCHEMA_VERSION),),
