@@ -134,3 +134,21 @@ def bmc_sim(tmp_path: Path, creds_file: Path) -> Iterator[Callable[..., SimHandl
 
 def pytest_report_header(config) -> list[str]:
     return [f"running as {'root' if is_root() else 'non-root'}; state dirs under tmp_path"]
+
+
+@pytest.fixture
+def netlab() -> Iterator:
+    """A ``NetnsLab``: namespaces and bridges made for this test, removed after it.
+
+    Stop the processes you start inside its namespaces (by PID) before this
+    fixture's finalizer runs, i.e. in a fixture that depends on this one.
+    """
+    if not is_root():
+        pytest.skip("needs root to create network namespaces")
+    from bootstrap.lab.netns import NetnsLab
+
+    lab = NetnsLab()
+    try:
+        yield lab
+    finally:
+        lab.close()
