@@ -1,0 +1,173 @@
+"""`metalseed serve`, `metalseed image ...`, `metalseed leases`: the boot side."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import click
+
+from .. import actions, ui
+from ..image.catalogue import Catalogue
+from . import Ctx, cli
+
+
+@cli.command()
+@click.option("--interface", "-i", default=None, help="The provisioning interface to serve on.")
+@click.option(
+    "--mode",
+    type=click.Choice(["full", "proxy"]),
+    default=None,
+    help="full: hand out addresses from --pool; proxy: only PXE options, next to "
+    "another DHCP server (default full).",
+)
+@click.option("--pool", default=None, help="Full mode: addresses to hand out, START-END.")
+@click.option("--http-port", type=int, default=None, help="HTTP boot port (default 80).")
+@click.option("--tftp-port", type=int, default=None, help="TFTP port (default 69).")
+@click.option(
+    "--force",
+    is_flag=True,
+    default=None,
+    help="Full mode: start even if another DHCP server answers on the segment.",
+)
+@click.option(
+    "--no-ra",
+    "no_ra",
+    is_flag=True,
+    default=False,
+    help="Do not answer IPv6 router solicitations.",
+)
+@click.pass_obj
+def serve(
+    obj: Ctx,
+    interface: str | None,
+    mode: str | None,
+    pool: str | None,
+    http_port: int | None,
+    tftp_port: int | None,
+    force: bool | None,
+    no_ra: bool,
+) -> int:
+    """Serve DHCP, TFTP and HTTP boot on the provisioning interface until stopped."""
+    from ..boot.serve import serve as run_serve
+
+    config = obj.config(
+        **{
+            "boot.interface": interface,
+            "boot.mode": mode,
+            "boot.pool": pool,
+            "boot.http_port": http_port,
+            "boot.tftp_port": tftp_port,
+            "boot.force": force or None,
+            "boot.router_advertisements": False if no_ra else None,
+        }
+    )
+
+    def ready(info) -> None:
+        click.echo(
+            f"serving on {info.interface} ({info.address}, {info.mode} mode): "
+            f"HTTP {info.seed_url}, TFTP port {info.tftp_port}; Ctrl-C to stop",
+            err=True,
+        )
+
+    asyncio.run(run_serve(config, on_ready=ready))
+    return 0
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@click.pass_obj
+def leases(obj: Ctx, as_json: bool) -> int:
+    """DHCP leases and reservations (full mode)."""
+    store = actions.open_store(obj.config())
+    found = store.leases()
+    reserved = store.reservations()
+    if as_json:
+        ui.print_json(
+            [
+                {**lease.to_json(), "reserved": reserved.get(lease.mac) == lease.ip}
+                for lease in found
+            ]
+        )
+        return 0
+    now = time.time()
+    rows = [
+        (
+            lease.ip,
+            lease.mac,
+            lease.state,
+            lease.node_id or "",
+            "yes" if reserved.get(lease.mac) == lease.ip else "",
+            f"{int(lease.expires - now)}s" if lease.expires > now else "expired",
+        )
+        for lease in found
+    ]
+    ui.print_table(["ip", "mac", "state", "node", "reserved", "expires in"], rows)
+    return 0
+
+
+# -- images ---------------------------------------------------------------------------
+
+
+@cli.group()
+def image() -> None:
+    """The boot images the seed serves."""
+
+
+@image.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
+@click.pass_obj
+def image_list(obj: Ctx, as_json: bool) -> int:
+    """The images in the catalogue; * marks the current one."""
+    catalogue = Catalogue(obj.config().images_dir)
+    current = catalogue.current()
+    images = catalogue.list()
+    if as_json:
+        ui.print_json(
+            [{**i.to_json(), "current": bool(current and current.name == i.name)} for i in images]
+        )
+        return 0
+    rows = [
+        (
+            i.name,
+            "*" if current and current.name == i.name else "",
+            ", ".join(f"{f.name} {f.size // 1024} KiB" for f in i.files.values()),
+            ui.ago(i.created),
+        )
+        for i in images
+    ]
+    ui.print_table(["image", "current", "files", "created"], rows)
+    return 0
+
+
+@image.command("import")
+@click.argument("directory", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--name", required=True, help="Image name (letters, digits, '.', '_', '-').")
+@click.option("--cmdline", default="", help="Kernel command line the image needs.")
+@click.option("--current", "make_current", is_flag=True, help="Make it the image new boots get.")
+@click.pass_obj
+def image_import(obj: Ctx, directory: Path, name: str, cmdline: str, make_current: bool) -> int:
+    """Add vmlinuz, initrd (and rootfs.squashfs) from DIRECTORY as image NAME."""
+    wanted = ("vmlinuz", "initrd", "rootfs.squashfs")
+    files = {f: directory / f for f in wanted if (directory / f).is_file()}
+    missing = [f for f in wanted[:2] if f not in files]
+    if missing:
+        raise click.UsageError(f"{directory} has no {', '.join(missing)}")
+    img = Catalogue(obj.config().images_dir).add(
+        name, files, cmdline=cmdline, make_current=make_current
+    )
+    click.echo(
+        f"image {img.name}: " + ", ".join(f"{f.name} {f.sha256[:12]}" for f in img.files.values())
+    )
+    return 0
+
+
+@image.command("use")
+@click.argument("name")
+@click.pass_obj
+def image_use(obj: Ctx, name: str) -> int:
+    """Make NAME the image new boots get."""
+    Catalogue(obj.config().images_dir).set_current(name)
+    click.echo(f"current image: {name}")
+    return 0
