@@ -78,8 +78,8 @@ class BootBackend(Protocol):
 
 def normalise_mac(mac: str) -> str:
     """``AA-BB-CC-DD-EE-FF`` / ``aabb.ccdd.eeff`` / ``aa:bb:..`` -> ``aa:bb:cc:dd:ee:ff``."""
-    digits = "".join(ch for ch in mac.lower() if ch in "0123456789abcdef")
-    if len(digits) != 12:
+    digits = mac.lower().replace(":", "").replace("-", "").replace(".", "")
+    if len(digits) != 12 or any(ch not in "0123456789abcdef" for ch in digits):
         raise ValueError(f"not a MAC address: {mac!r}")
     return ":".join(digits[i : i + 2] for i in range(0, 12, 2))
 
