@@ -105,7 +105,8 @@ def power(
             target = _target(store, node)
             if action == "status":
                 state = driver.power_state(target)
-                store.update_node(node.id, facts={"power": state})
+                if node.facts.get("power") != state:  # a read that changes nothing writes nothing
+                    store.update_node(node.id, facts={"power": state})
                 return NodeOutcome(node.id, bmc, state)
             result = driver.set_power(target, action)
         except MetalseedError as exc:
