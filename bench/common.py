@@ -1,11 +1,12 @@
 """Shared pieces of the benchmark harness: sections, processes, timing, machine facts.
 
 A benchmark module exposes ``BENCHMARKS``: a mapping of a short name to a
-function returning a :class:`Section`. ``bench.run`` runs them and assembles
-``docs/benchmarks.md`` from the sections. A benchmark that *cannot run*
-(a simulator that does not start, BMCs that are not all found) raises
-:class:`BenchError`; a benchmark that runs but misses its target returns its
-section with the row marked ``missed``.
+function taking :class:`Options` and returning a :class:`Section`. ``bench.run``
+runs them and assembles ``docs/benchmarks.md`` from the sections. A benchmark
+that *cannot run* (a simulator or server that does not start, BMCs that are
+not all found) raises :class:`BenchError`, with the part it did measure if
+any; a benchmark that runs but misses its target returns its section with the
+row marked ``missed``.
 
 Everything a benchmark starts is stopped by PID (SIGTERM, then SIGKILL) and
 every temporary directory is removed, also when the benchmark fails.
@@ -36,7 +37,22 @@ PASS, MISSED = "pass", "missed"
 
 
 class BenchError(Exception):
-    """The benchmark could not run (as opposed to: it ran and missed a target)."""
+    """The benchmark could not run (as opposed to: it ran and missed a target).
+
+    ``section``, when given, holds what was measured before it stopped (the peer's
+    figures, say) and goes into the report in place of a bare "could not run".
+    """
+
+    def __init__(self, message: str, *, section: Section | None = None) -> None:
+        super().__init__(message)
+        self.section = section
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """How ``bench.run`` was asked to run; every benchmark function takes one."""
+
+    quick: bool = False  # fewer and shorter rounds: a smoke run, not figures to quote
 
 
 @dataclasses.dataclass

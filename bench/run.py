@@ -1,15 +1,17 @@
 """Run metalseed's benchmarks and write ``docs/benchmarks.md``: ``python -m bench.run``.
 
 Every module in ``MODULES`` exposes ``BENCHMARKS``, a mapping of a name to a
-function returning a :class:`bench.common.Section`; adding a benchmark (DHCP,
-TFTP, HTTP against dnsmasq, tftpd-hpa, nginx, ...) means adding a module here.
+function taking :class:`bench.common.Options` and returning a
+:class:`bench.common.Section`; adding a benchmark means adding a module here.
 
 Exit status: 0 when every selected benchmark ran, even if it missed its target
-(the table says ``missed``); 1 when one could not run (a simulator that did
-not start, BMCs not all found, ...); 2 for bad arguments.
+(the table says ``missed``); 1 when one could not run (a simulator or server
+that did not start, BMCs not all found, ...); 2 for bad arguments.
 
     python -m bench.run                    # everything, rewrites docs/benchmarks.md
     python -m bench.run --only ipmi-power  # one benchmark; markdown to stdout
+    python -m bench.run --only netboot     # a group: the part of the name before "-"
+    python -m bench.run --quick            # shorter runs (a smoke test, not figures to quote)
     python -m bench.run --list
 """
 
@@ -25,16 +27,25 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from .common import MISSED, PASS, REPO, BenchError, Section, machine_facts, progress
+from .common import MISSED, PASS, REPO, BenchError, Options, Section, machine_facts, progress
 
 #: Benchmark modules, in the order their sections appear in the report.
-MODULES = ("bench.ipmi",)
+MODULES = (
+    "bench.ipmi_power",
+    "bench.ipmi_sweep",
+    "bench.dhcp_bench",
+    "bench.tftp_bench",
+    "bench.http_bench",
+)
 DEFAULT_OUTPUT = REPO / "docs" / "benchmarks.md"
 
 
-def registry() -> dict[str, tuple[str, Callable[[], Section]]]:
+Benchmark = Callable[[Options], Section]
+
+
+def registry() -> dict[str, tuple[str, Benchmark]]:
     """``{benchmark name: (module short name, function)}`` over all modules."""
-    found: dict[str, tuple[str, Callable[[], Section]]] = {}
+    found: dict[str, tuple[str, Benchmark]] = {}
     for modname in MODULES:
         module = importlib.import_module(modname)
         short = modname.rsplit(".", 1)[1]
@@ -45,15 +56,20 @@ def registry() -> dict[str, tuple[str, Callable[[], Section]]]:
     return found
 
 
+def _keys(name: str, module: str) -> tuple[str, str, str]:
+    """What selects a benchmark: its name, its module, its group (``ipmi`` of ``ipmi-power``)."""
+    return name, module, name.split("-", 1)[0]
+
+
 def select(names: dict[str, tuple[str, Callable]], only: list[str]) -> list[str]:
-    """Benchmarks matching ``--only`` words: a module (``ipmi``) or a benchmark name."""
+    """Benchmarks matching ``--only`` words: a benchmark name, a module, or a group."""
     if not only:
         return list(names)
     words = [w.strip() for item in only for w in item.split(",") if w.strip()]
-    chosen = [n for n, (mod, _) in names.items() if any(w in (n, mod) for w in words)]
-    unknown = [w for w in words if not any(w in (n, mod) for n, (mod, _) in names.items())]
+    chosen = [n for n, (mod, _) in names.items() if any(w in _keys(n, mod) for w in words)]
+    unknown = [w for w in words if not any(w in _keys(n, mod) for n, (mod, _) in names.items())]
     if unknown:
-        known = sorted({*names, *(mod for mod, _ in names.values())})
+        known = sorted({k for n, (mod, _) in names.items() for k in _keys(n, mod)})
         raise ValueError(f"unknown benchmark {', '.join(unknown)}; known: {', '.join(known)}")
     return chosen
 
@@ -104,10 +120,11 @@ def assemble(
         command,
         "```",
         "",
-        f"Run on {started.strftime('%Y-%m-%d %H:%M UTC')}. All traffic stays on "
-        "127.0.0.0/8, against `metalseed lab bmc` simulator processes. Figures are wall "
-        "time unless marked CPU; other work on the machine (see the load average) shows up "
-        "in them.",
+        f"Run on {started.strftime('%Y-%m-%d %H:%M UTC')}. The IPMI benchmarks run on "
+        "127.0.0.0/8 against `metalseed lab bmc` simulator processes; the netboot "
+        "benchmarks (DHCP, TFTP, HTTP) in network namespaces made for the run, against "
+        "`metalseed serve` and a stock peer in turn. Figures are wall time unless marked "
+        "CPU; other work on the machine (see the load average) shows up in them.",
         "",
         "| machine | |",
         "|---|---|",
@@ -145,6 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         help=f"write the report here (default {DEFAULT_OUTPUT.relative_to(REPO)}; "
         "with --only, stdout unless --output is given)",
     )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer and shorter rounds: a smoke test of the harness, not figures to quote",
+    )
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     args = parser.parse_args(argv)
 
@@ -159,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     output = args.output if args.output is not None else (None if args.only else DEFAULT_OUTPUT)
+    opts = Options(quick=args.quick)
 
     started = datetime.datetime.now(datetime.UTC)
     load_start = _load()
@@ -167,11 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in chosen:
         progress(f"== {name}")
         try:
-            sections.append(names[name][1]())
+            sections.append(names[name][1](opts))
         except BenchError as exc:
             progress(f"!! {name} could not run: {exc}")
             failures.append(name)
-            sections.append(failed_section(name, str(exc)))
+            sections.append(exc.section or failed_section(name, str(exc)))
         except Exception as exc:  # a harness bug: report it, still run the others
             traceback.print_exc()
             progress(f"!! {name} crashed: {type(exc).__name__}: {exc}")
@@ -182,7 +205,12 @@ def main(argv: list[str] | None = None) -> int:
                 if row.result in (PASS, MISSED):
                     progress(f"   {row.metric}: {row.measured} -> {row.result}")
 
-    command = "make bench" if not args.only else f"python -m bench.run --only {','.join(chosen)}"
+    if args.only:
+        command = f"python -m bench.run --only {','.join(chosen)}"
+    else:
+        command = "make bench" if output == DEFAULT_OUTPUT else "python -m bench.run"
+    if args.quick:
+        command = f"{'python -m bench.run' if command == 'make bench' else command} --quick"
     report = assemble(sections, started, command, (load_start, _load()))
     if output is None:
         sys.stdout.write(report)

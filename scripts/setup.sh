@@ -12,7 +12,7 @@ APT_PACKAGES=(
   iproute2 procps iputils-ping  # ip, ps, ping for tests and the lab
   ipxe                       # undionly.kpxe, ipxe.efi, snponly.efi served over TFTP
   ipxe-qemu qemu-system-x86  # QEMU machines with real iPXE NIC ROMs (TCG here)
-  busybox-static cpio        # the small call-back initramfs for netboot tests and the demo
+  busybox-static cpio kmod   # the small call-back initramfs (kmod: depmod indexes the kernel modules)
   udhcpc isc-dhcp-client     # DHCP clients nobody here wrote, for the tests
   dnsmasq-base               # the "existing DHCP server" in proxy-mode tests; DHCP peer in bench
   kea-admin                  # perfdhcp, ISC's DHCP benchmark
