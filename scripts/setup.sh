@@ -39,6 +39,12 @@ if ((${#missing[@]})); then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# the QEMU tests and the demo fetch Debian's kernel package with `apt-get download`:
+# that needs the package lists, which a fresh machine may not have yet
+if [[ $(id -u) -eq 0 ]] && ! apt-cache show linux-image-amd64 >/dev/null 2>&1; then
+  apt-get update -qq
+fi
+
 if [[ ! -x .venv/bin/python ]]; then
   echo "setup: creating .venv from /usr/bin/python3 (with system site packages)"
   /usr/bin/python3 -m venv --system-site-packages .venv

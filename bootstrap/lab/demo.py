@@ -1,10 +1,13 @@
 """``make demo``: the main job on the built-in lab, as far as metalseed reaches today.
 
-Starts 8 simulated BMCs on loopback, then runs the operator's commands for
-real (each printed before it runs): discover with credential rotation, boot
-device, power on, the node table, and cross-checks one machine with
-ipmitool. Everything it starts is stopped by PID; its state lives in a
-temporary directory that is removed at the end (``--keep`` keeps it).
+Part one starts 8 simulated BMCs on loopback, then runs the operator's
+commands for real (each printed before it runs): discover with credential
+rotation, boot device, power on, the node table, and cross-checks one machine
+with ipmitool. Part two (``demo_netboot``, as root) powers a QEMU machine on
+through its simulated BMC and shows it netboot from ``metalseed serve`` and
+call home, with timings. Everything it starts is stopped by PID; its state
+lives in a temporary directory that is removed at the end (``--keep`` keeps
+it).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from . import demo_netboot
 
 FACTORY_PASSWORD = "lab-factory-pw"  # the simulated BMCs' factory login, as on a sticker
 
@@ -35,6 +40,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--count", type=int, default=8)
     parser.add_argument("--keep", action="store_true", help="keep the state directory")
+    parser.add_argument("--no-netboot", action="store_true", help="skip the QEMU netboot part")
     args = parser.parse_args()
 
     port = 623 if os.geteuid() == 0 else 6230
@@ -108,12 +114,20 @@ def main() -> int:
             [*ms, "discover", f"127.0.1.0/28:{port}", "--credentials", str(creds), "--rotate"]
         )
         _run([*ms, "events", "--limit", "6"])
+        reason = "--no-netboot was given" if args.no_netboot else demo_netboot.why_not()
+        if reason:
+            print(f"\n(netboot part skipped: {reason})")
+        else:
+            timings.update(demo_netboot.netboot_demo(_run, me, work, port, creds))
         print("\ntimings:")
         for what, seconds in timings.items():
-            print(f"  {what:<26} {seconds:6.2f} s")
+            print(f"  {what:<28} {seconds:6.2f} s")
         return 0
     except subprocess.CalledProcessError as exc:
         print(f"demo step failed with exit code {exc.returncode}", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:
+        print(f"demo step failed: {exc}", file=sys.stderr)
         return 1
     finally:
         sim.send_signal(signal.SIGTERM)

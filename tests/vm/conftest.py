@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import shutil
 import subprocess
-import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,23 +24,6 @@ SEED_PREFIX = "10.97.0"
 SEED_IP = f"{SEED_PREFIX}.1"
 POOL = f"{SEED_PREFIX}.100-{SEED_PREFIX}.150"
 HTTP_PORT = 8080
-
-#: console output that marks the boot phases, in the order they appear
-MILESTONES = {
-    name: re.compile(pattern)
-    for name, pattern in {
-        "firmware": r"iPXE initialising devices",
-        "dhcp": r"Configuring \(net0",
-        "script": r"\[script\]",
-        "kernel fetched": r"vmlinuz\S*\.\.\. ok",
-        "initrd fetched": r"initrd\S*\.\.\. ok",
-        "userspace": r"metalseed: \[",
-        "lease": r"\] dhcp: ",
-        "callback": r"callback accepted",
-        # the image gave up (no NIC, no lease, call-back refused): no point waiting on
-        "failed": r"metalseed: \[[\d.]+\] done: (?!called home)",
-    }.items()
-}
 
 
 @pytest.fixture(scope="session")
@@ -68,56 +48,6 @@ def callback_build(kernel_cache: Path, qemu_available, tmp_path_factory):
 
     kernel = fetch_kernel(kernel_cache)
     return build_callback(kernel, tmp_path_factory.mktemp("callback"))
-
-
-class Console:
-    """A VM's serial log, watched on a thread: when each boot milestone first appeared."""
-
-    def __init__(self, path: Path, started: float) -> None:
-        self.path = path
-        self.started = started
-        self.seen: dict[str, float] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-
-    def text(self) -> str:
-        try:
-            return self.path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def _watch(self) -> None:
-        while not self._stop.is_set():
-            text = self.text()
-            now = time.monotonic()
-            for name, marker in MILESTONES.items():
-                if name not in self.seen and marker.search(text):
-                    self.seen[name] = now - self.started
-            self._stop.wait(0.05)
-
-    def wait_for(self, name: str, timeout: float) -> float:
-        """Seconds from start to milestone ``name``; fails with the console on timeout."""
-        deadline = time.monotonic() + timeout
-        while name not in self.seen:
-            if "failed" in self.seen:
-                raise AssertionError(f"the image gave up before {name!r}:\n{self.tail()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no {name!r} on the console in {timeout} s:\n{self.tail()}")
-            time.sleep(0.05)
-        return self.seen[name]
-
-    def tail(self, lines: int = 40) -> str:
-        return "\n".join(self.text().splitlines()[-lines:])
-
-    def timeline(self) -> str:
-        return ", ".join(
-            f"{name} {t:.2f}s" for name, t in sorted(self.seen.items(), key=lambda x: x[1])
-        )
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
 
 
 @dataclasses.dataclass

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import pytest
 
+from bootstrap.lab.console import Console
 from tests.conftest import REPO, cli
-from tests.vm.conftest import HTTP_PORT, POOL, SEED_IP, SEED_PREFIX, Console
+from tests.vm.conftest import HTTP_PORT, POOL, SEED_IP, SEED_PREFIX
 
 pytestmark = [pytest.mark.qemu, pytest.mark.root, pytest.mark.netns]
 
