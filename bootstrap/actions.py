@@ -96,8 +96,12 @@ def power(
     *,
     concurrency: int,
     on_done: Callable[[NodeOutcome], None] | None = None,
+    deadline: float | None = None,
 ) -> list[NodeOutcome]:
-    """Power ``action`` (on, off, cycle, status) on every node, concurrently."""
+    """Power ``action`` (on, off, cycle, status) on every node, concurrently.
+
+    ``deadline``: seconds one node's action may take before it is reported failed.
+    """
 
     def job(node: Node) -> NodeOutcome:
         bmc = str(node.bmc) if node.bmc else None
@@ -126,7 +130,7 @@ def power(
         store.add_event(node.id, "power", message, {"action": action, "power": result.power})
         return NodeOutcome(node.id, bmc, result.power, result.changed, result.seconds)
 
-    return _each(job, nodes, concurrency, on_done)
+    return _each(job, nodes, concurrency, on_done, deadline)
 
 
 def boot_device(
@@ -138,6 +142,7 @@ def boot_device(
     *,
     concurrency: int,
     on_done: Callable[[NodeOutcome], None] | None = None,
+    deadline: float | None = None,
 ) -> list[NodeOutcome]:
     def job(node: Node) -> NodeOutcome:
         bmc = str(node.bmc) if node.bmc else None
@@ -159,15 +164,22 @@ def boot_device(
             node.id, bmc, power=str(store.get_node(node.id).facts.get("power", "unknown"))
         )
 
-    return _each(job, nodes, concurrency, on_done)
+    return _each(job, nodes, concurrency, on_done, deadline)
 
 
-def _each(job, nodes, concurrency, on_done) -> list[NodeOutcome]:
+def _each(job, nodes, concurrency, on_done, deadline=None) -> list[NodeOutcome]:
     def done(outcome: Outcome) -> None:
         if on_done and outcome.result is not None:
             on_done(outcome.result)
 
-    outcomes = run_all(job, nodes, concurrency=concurrency, on_done=done)
+    outcomes = run_all(
+        job,
+        nodes,
+        concurrency=concurrency,
+        on_done=done,
+        deadline=deadline,
+        describe=lambda node: f"{node.id} (BMC {node.bmc})",
+    )
     return [
         o.result if o.result is not None else NodeOutcome(o.item.id, None, error=o.error)
         for o in outcomes
@@ -204,6 +216,7 @@ def run_discovery(
         probe_rounds=config.discovery.probe_rounds,
         probe_window=config.discovery.probe_window,
         concurrency=config.bmc.concurrency,
+        deadline=config.bmc.job_deadline,
         on_probe=on_probe,
         on_enrolled=on_enrolled,
     )

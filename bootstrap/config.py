@@ -47,6 +47,9 @@ class BmcConfig:
     power_wait: float = 30.0
     #: BMCs talked to at once
     concurrency: int = 128
+    #: seconds one BMC's whole job (an enrollment, a power action) may take before it is
+    #: abandoned and reported as failed, so one wedged BMC never stalls a sweep
+    job_deadline: float = 120.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,6 +280,8 @@ def _validate(config: Config) -> None:
         raise ConfigError("bmc.attempts must be at least 1")
     if config.bmc.concurrency < 1:
         raise ConfigError("bmc.concurrency must be at least 1")
+    if config.bmc.job_deadline <= 0:
+        raise ConfigError("bmc.job_deadline must be positive")
     if not 0 < config.bmc.port < 65536:
         raise ConfigError("bmc.port must be a UDP port number")
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):

@@ -296,6 +296,7 @@ def power(obj: Ctx, action: str, nodes: tuple[str, ...], all_nodes: bool, as_jso
             targets,
             action,
             concurrency=config.bmc.concurrency,
+            deadline=config.bmc.job_deadline,
             on_done=lambda _: bar.advance(),
         )
     _print_outcomes(outcomes, as_json, f"power {action}")
@@ -324,6 +325,7 @@ def boot_device(
             device,
             persistent,
             concurrency=config.bmc.concurrency,
+            deadline=config.bmc.job_deadline,
             on_done=lambda _: bar.advance(),
         )
     _print_outcomes(outcomes, as_json, f"boot device {device}")

@@ -67,6 +67,7 @@ def discover(
     probe_rounds: int,
     probe_window: int,
     concurrency: int,
+    deadline: float | None = None,
     on_probe: Progress | None = None,
     on_enrolled: Callable[[EnrollResult], None] | None = None,
 ) -> DiscoveryReport:
@@ -85,7 +86,14 @@ def discover(
         if on_enrolled is not None:
             on_enrolled(_result_of(outcome))
 
-    outcomes = run_all(enroller.enroll, list(swept.found), concurrency=concurrency, on_done=done)
+    outcomes = run_all(
+        enroller.enroll,
+        list(swept.found),
+        concurrency=concurrency,
+        on_done=done,
+        deadline=deadline,
+        describe=lambda address: f"BMC {address}",
+    )
     return DiscoveryReport(swept, [_result_of(o) for o in outcomes], time.monotonic() - started)
 
 
