@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 
 import pyghmi.exceptions as pyghmi_exc
 from pyghmi.ipmi import command as ipmi_command
@@ -90,7 +91,41 @@ def _bound_pyghmi_waits() -> None:
         return original(min(timeout, _PYGHMI_POLL), myaddr, evq)
 
     ipmi_session._io_wait = bounded_io_wait
+    _refuse_reentrant_commands()
     _pyghmi_patched = True
+
+
+_in_command = threading.local()
+
+
+def _refuse_reentrant_commands() -> None:
+    """Turn pyghmi 1.6's re-entrant relogin deadlock into a quick, retryable failure.
+
+    When a command times out on an established session, pyghmi logs in again
+    from inside that command's wait loop; the new login's RAKP4 handler sends
+    Set Session Privilege Level -- a second command on the same session from
+    the same thread, which waits for the first command (further down the very
+    same stack) to finish. Seen against a lossy BMC: discovery hung for
+    minutes. A nested command on a session this thread is already inside is
+    refused instead: the session is marked broken and the error reads as a
+    timeout, so the driver's retry logs in afresh.
+    """
+    original = ipmi_session.Session.raw_command
+
+    def raw_command(self, *args, **kwargs):
+        active = _in_command.__dict__.setdefault("sessions", set())
+        if id(self) in active:
+            self._mark_broken()
+            raise pyghmi_exc.IpmiException(
+                "timeout: the BMC session was re-established in the middle of a command"
+            )
+        active.add(id(self))
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            active.discard(id(self))
+
+    ipmi_session.Session.raw_command = raw_command
 
 
 class IpmiPowerDriver(PowerDriver):
