@@ -19,6 +19,7 @@ APT_PACKAGES=(
   tftp-hpa tftpd-hpa curl    # TFTP client/server peers; curl for HTTP and tftp:// tests
   nginx-light wrk            # HTTP peer and load generator for the bench
   libpcap0.8                 # scapy's packet filters
+  vagrant vagrant-libvirt    # `vagrant validate` of the lab's Vagrantfile
 )
 
 missing=()

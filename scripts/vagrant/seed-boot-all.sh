@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# On the seed VM: find the nodes' BMCs, rotate their logins, netboot every node.
+set -euo pipefail
+metalseed discover --rotate
+metalseed boot-device pxe --all
+metalseed power on --all
+metalseed nodes list
