@@ -48,7 +48,7 @@ def resolve_nodes(store: StateStore, refs: Sequence[str], all_nodes: bool) -> li
     return [store.find_node(ref) for ref in dict.fromkeys(refs)]
 
 
-def _target(store: StateStore, node: Node) -> BmcTarget:
+def bmc_target(store: StateStore, node: Node) -> BmcTarget:
     if node.bmc is None:
         raise NotFoundError("no BMC address known", node=node.id)
     cred = store.get_credential(node.id)
@@ -106,7 +106,7 @@ def power(
     def job(node: Node) -> NodeOutcome:
         bmc = str(node.bmc) if node.bmc else None
         try:
-            target = _target(store, node)
+            target = bmc_target(store, node)
             if action == "status":
                 state = driver.power_state(target)
                 if node.facts.get("power") != state:  # a read that changes nothing writes nothing
@@ -147,7 +147,7 @@ def boot_device(
     def job(node: Node) -> NodeOutcome:
         bmc = str(node.bmc) if node.bmc else None
         try:
-            driver.set_boot_device(_target(store, node), device, persistent)
+            driver.set_boot_device(bmc_target(store, node), device, persistent)
         except MetalseedError as exc:
             exc.node = None
             store.add_event(node.id, "bootdev", f"boot device {device} failed: {exc}")

@@ -100,8 +100,32 @@ class BootConfig:
     router_advertisements: bool = True
     #: seconds a join token minted into a boot script stays valid
     token_ttl: int = 3600
+    #: seconds the discovery token in an unknown machine's enlist script stays valid
+    discovery_token_ttl: int = 900
+    #: the largest enlist request (the node's inventory) accepted, in bytes
+    enlist_max_body: int = 256 * 1024
+    #: NTP servers enlisted nodes are told to use; empty: the seed's own address
+    time_servers: tuple[str, ...] = ()
     #: extra kernel command line for the node image
     kernel_args: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """The seed daemon, `metalseed run`: boot services plus the orchestrator."""
+
+    #: seconds between BMC sweeps of discovery.ranges (0: sweep once, at start)
+    sweep_interval: float = 60.0
+    #: seconds between orchestrator passes over the nodes
+    tick: float = 2.0
+    #: set PXE and power on every newly enrolled machine (false: an operator does it)
+    auto_boot: bool = True
+    #: netboot attempts per machine (the first included) before it stays failed
+    boot_attempts: int = 3
+    #: seconds from power-on to enlisted before an attempt counts as failed
+    boot_timeout: float = 900.0
+    #: seconds a failed boot waits before the next attempt
+    retry_delay: float = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +135,7 @@ class Config:
     bmc: BmcConfig = BmcConfig()
     discovery: DiscoveryConfig = DiscoveryConfig()
     boot: BootConfig = BootConfig()
+    run: RunConfig = RunConfig()
 
     @property
     def db_path(self) -> Path:
@@ -125,7 +150,12 @@ class Config:
         return self.state_dir / "images"
 
 
-_SECTIONS: dict[str, type] = {"bmc": BmcConfig, "discovery": DiscoveryConfig, "boot": BootConfig}
+_SECTIONS: dict[str, type] = {
+    "bmc": BmcConfig,
+    "discovery": DiscoveryConfig,
+    "boot": BootConfig,
+    "run": RunConfig,
+}
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -291,3 +321,13 @@ def _validate(config: Config) -> None:
     for name in ("http_port", "tftp_port"):
         if not 0 < getattr(config.boot, name) < 65536:
             raise ConfigError(f"boot.{name} must be a port number")
+    if config.run.boot_attempts < 1:
+        raise ConfigError("run.boot_attempts must be at least 1")
+    for name in ("tick", "boot_timeout"):
+        if getattr(config.run, name) <= 0:
+            raise ConfigError(f"run.{name} must be positive")
+    for name in ("token_ttl", "discovery_token_ttl"):
+        if getattr(config.boot, name) < 1:
+            raise ConfigError(f"boot.{name} must be at least 1 second")
+    if not 4096 <= config.boot.enlist_max_body <= 16 * 1024 * 1024:
+        raise ConfigError("boot.enlist_max_body must be from 4096 to 16777216 bytes")

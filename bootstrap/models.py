@@ -1,4 +1,4 @@
-"""Plain data: what metalseed knows about nodes, BMCs and events.
+"""Plain data: what metalseed knows about nodes, BMCs, events and inventories.
 
 No I/O, no behaviour beyond formatting. Secrets are ``Secret`` values, which
 never print their contents (``repr``, ``str`` and f-strings all mask them).
@@ -151,7 +151,147 @@ class TokenRecord:
     hash: str
     node_id: str
     mac: str
-    purpose: str
+    purpose: str  # "join" (a known node) or "discovery" (an unknown machine)
     expires: float
     created: float
     used: float | None = None
+    used_by: str | None = None  # the boot id that used it
+
+
+# -- inventory: what a node's agent reported at enlist ---------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SystemInfo:
+    """DMI: the SMBIOS system UUID (the BMC's system GUID), serial, vendor, product."""
+
+    uuid: str | None = None
+    serial: str | None = None
+    vendor: str | None = None
+    product: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuInfo:
+    count: int = 0
+    model: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DiskInfo:
+    """A block device. ``empty``: no partitions, holders or signature; None: unreadable."""
+
+    name: str
+    size_bytes: int
+    rotational: bool = False
+    removable: bool = False
+    serial: str | None = None
+    wwn: str | None = None
+    model: str | None = None
+    partitions: int = 0
+    holders: tuple[str, ...] = ()
+    signature: str | None = None
+    empty: bool | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class NicInfo:
+    name: str
+    mac: str
+    driver: str | None = None
+    link: str = "down"  # "up" or "down"
+    speed_mbps: int | None = None
+    mtu: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LldpNeighbour:
+    interface: str
+    chassis_id: str | None = None
+    chassis_name: str | None = None
+    port_id: str | None = None
+    port_description: str | None = None
+    management_ip: str | None = None
+
+
+def _known(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in data.items() if k in names}
+
+
+@dataclasses.dataclass(frozen=True)
+class Inventory:
+    """A machine's hardware as its agent saw it. JSON shape: ``bootstrap/agent/inventory.py``."""
+
+    system: SystemInfo = SystemInfo()
+    cpus: CpuInfo = CpuInfo()
+    memory_bytes: int = 0
+    disks: tuple[DiskInfo, ...] = ()
+    nics: tuple[NicInfo, ...] = ()
+    lldp: tuple[LldpNeighbour, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "system": dataclasses.asdict(self.system),
+            "cpus": dataclasses.asdict(self.cpus),
+            "memory": {"bytes": self.memory_bytes},
+            "disks": [{**dataclasses.asdict(d), "holders": list(d.holders)} for d in self.disks],
+            "nics": [dataclasses.asdict(n) for n in self.nics],
+            "lldp": [dataclasses.asdict(n) for n in self.lldp],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Inventory:
+        """From ``to_json`` output (the store's copy, validated when it came in)."""
+        return cls(
+            system=SystemInfo(**_known(SystemInfo, data.get("system", {}))),
+            cpus=CpuInfo(**_known(CpuInfo, data.get("cpus", {}))),
+            memory_bytes=int(data.get("memory", {}).get("bytes", 0)),
+            disks=tuple(
+                DiskInfo(**{**_known(DiskInfo, d), "holders": tuple(d.get("holders", ()))})
+                for d in data.get("disks", [])
+            ),
+            nics=tuple(NicInfo(**_known(NicInfo, n)) for n in data.get("nics", [])),
+            lldp=tuple(LldpNeighbour(**_known(LldpNeighbour, n)) for n in data.get("lldp", [])),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeInventory:
+    """The latest inventory of a node, and which boot of which MAC reported it when."""
+
+    node_id: str
+    boot_id: str
+    mac: str
+    received: float
+    inventory: Inventory
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self.inventory.to_json(),
+            "boot_id": self.boot_id,
+            "mac": self.mac,
+            "received": self.received,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class EnlistWrite:
+    """One enlist, for the store to apply in one transaction (``StateStore.apply_enlist``).
+
+    Consume the token for ``boot_id``, create the node if ``node_id`` is None
+    (in ``booting``, with ``guid``), bind ``mac`` to it, store the inventory,
+    and move it along ``path``. ``expect`` is the state the plan was made
+    from: if the node (or the token) changed meanwhile, nothing is written.
+    """
+
+    token_hash: str
+    boot_id: str
+    mac: str
+    node_id: str | None
+    guid: str | None
+    expect: NodeState | None
+    path: tuple[NodeState, ...]
+    inventory: Inventory
+    reason: str
+    data: Mapping[str, Any] = dataclasses.field(default_factory=dict)

@@ -3,6 +3,11 @@
     discovered -> enrolled -> booting -> enlisted -> joining -> active
     plus failed(reason) and retired
 
+Two ways in besides a BMC sweep: a machine nobody knew that netboots and
+enlists (discovery by DHCP: no BMC) starts in ``booting``; and a discovered
+node whose BMC login does not work yet may be powered on by hand, so
+``discovered -> booting`` is an edge too.
+
 Transitions are the only way a node's state changes. Each state may have a
 timeout: a node that stays longer than that is overdue, and the orchestrator
 moves it to ``failed`` with the reason. The functions here are pure; the store
@@ -33,7 +38,7 @@ S = NodeState
 #: Allowed edges. A state may also "transition" to itself to record a new
 #: reason (e.g. a repeated enroll) without changing state.
 TRANSITIONS: Mapping[NodeState, frozenset[NodeState]] = {
-    S.DISCOVERED: frozenset({S.ENROLLED, S.FAILED, S.RETIRED}),
+    S.DISCOVERED: frozenset({S.ENROLLED, S.BOOTING, S.FAILED, S.RETIRED}),
     S.ENROLLED: frozenset({S.BOOTING, S.FAILED, S.RETIRED}),
     S.BOOTING: frozenset({S.ENLISTED, S.ENROLLED, S.FAILED, S.RETIRED}),
     S.ENLISTED: frozenset({S.JOINING, S.BOOTING, S.FAILED, S.RETIRED}),
@@ -43,8 +48,9 @@ TRANSITIONS: Mapping[NodeState, frozenset[NodeState]] = {
     S.RETIRED: frozenset({S.DISCOVERED}),
 }
 
-#: The states a new node may start in.
-INITIAL: frozenset[NodeState] = frozenset({S.DISCOVERED, S.ENROLLED})
+#: The states a new node may start in: found by its BMC (discovered, enrolled), or by
+#: netbooting as an unknown machine (booting, on its way to enlisted).
+INITIAL: frozenset[NodeState] = frozenset({S.DISCOVERED, S.ENROLLED, S.BOOTING})
 
 #: Seconds a node may stay in a state before it is overdue. ``None``: no limit.
 DEFAULT_TIMEOUTS: Mapping[NodeState, float | None] = {

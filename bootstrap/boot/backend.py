@@ -9,6 +9,11 @@ tinkerbell/smee's handler backend.)
 the machine UUID the firmware sends (DHCP option 97, iPXE ``${uuid}``), which
 is the BMC's system GUID. The first boot step of a known node moves it to
 ``booting``.
+
+Enlist (issue 4) is the node agent calling home: ``enlist`` applies the token
+rules of ``enlist.judge`` to the stored token, picks the node (the token's;
+for a discovery token the node whose GUID is the machine's DMI UUID, else the
+MAC's, else a new one) and has the store apply it all in one transaction.
 """
 
 from __future__ import annotations
@@ -23,10 +28,21 @@ import uuid as uuidlib
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from ..errors import IllegalTransition
-from ..models import Secret
+from ..errors import ConcurrentUpdate, IllegalTransition, NotFoundError
+from ..models import EnlistWrite, Node, Secret, TokenRecord
+from ..sshkeys import SeedKeyPair, SshKeyError, for_state_dir
 from ..states import NodeState
 from ..store import StateStore
+from .enlist import (
+    DISCOVERY,
+    JOIN,
+    EnlistOutcome,
+    EnlistRequest,
+    Verdict,
+    judge,
+    path_to_enlisted,
+    summary,
+)
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +88,17 @@ class BootBackend(Protocol):
     def mint_token(self, node_id: str, mac: str) -> Secret:
         """A one-time join token for this node and MAC; the store keeps only its hash."""
 
+    def mint_discovery_token(self, mac: str, ttl: float | None = None) -> Secret:
+        """A short-lived one-time token for an unknown machine: it may enlist as a new node."""
+
     def check_token(self, token: str, mac: str | None = None) -> str | None:
-        """The node id a live (unexpired, unused) token was minted for, or None."""
+        """The node id a live (unexpired, unused) join token was minted for, or None."""
+
+    def enlist(self, token: str, request: EnlistRequest, peer: str) -> EnlistOutcome:
+        """A node agent's enlist: 200 with the node, or a 401/403 (an event on the node)."""
+
+    def refuse_enlist(self, mac: str | None, reason: str, peer: str) -> None:
+        """An enlist refused before it got here (no token): an event on the MAC's node."""
 
 
 def normalise_mac(mac: str) -> str:
@@ -112,10 +137,15 @@ class StoreBackend:
         store: StateStore,
         *,
         token_ttl: float = 3600.0,
+        discovery_ttl: float = 900.0,
+        ssh_keys: SeedKeyPair | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """``ssh_keys``: the control plane's pair; by default ``ssh/`` in the store's dir."""
         self._store = store
         self._token_ttl = token_ttl
+        self._discovery_ttl = discovery_ttl
+        self._ssh_keys = ssh_keys
         self._clock = clock
 
     def identify(self, mac: str, uuid: str | None = None) -> Machine:
@@ -168,10 +198,131 @@ class StoreBackend:
         )
         return Secret(token)
 
+    def mint_discovery_token(self, mac: str, ttl: float | None = None) -> Secret:
+        token = secrets.token_urlsafe(32)
+        self._store.add_token(
+            token_hash(token),
+            node_id="",
+            mac=normalise_mac(mac),
+            purpose=DISCOVERY,
+            expires=self._clock() + (self._discovery_ttl if ttl is None else ttl),
+        )
+        return Secret(token)
+
     def check_token(self, token: str, mac: str | None = None) -> str | None:
         record = self._store.get_token(token_hash(token))
         if record is None or record.used is not None or record.expires < self._clock():
             return None
+        if record.purpose != JOIN or not record.node_id:
+            return None
         if mac is not None and record.mac != normalise_mac(mac):
             return None
         return record.node_id
+
+    # -- enlist ------------------------------------------------------------------------
+
+    def enlist(self, token: str, request: EnlistRequest, peer: str) -> EnlistOutcome:
+        digest = token_hash(token)
+        for _ in range(3):  # a lost compare-and-swap (token or node changed): judge again
+            record = self._store.get_token(digest)
+            verdict = judge(record, request, self._clock())
+            if verdict.refused or record is None:
+                return self._refuse(record, request.mac, verdict, peer)
+            keys = self._public_keys()  # before anything is written
+            if verdict.repeat:
+                node = self._store.get_node(record.node_id)
+                log.info("enlist of %s repeated by the same boot from %s", node.id, peer)
+                return EnlistOutcome(
+                    200, node=node.id, state=node.state, repeat=True, ssh_authorized_keys=keys
+                )
+            plan = self._plan(digest, record, request, peer)
+            if isinstance(plan, EnlistOutcome):
+                return plan
+            try:
+                node, fresh = self._store.apply_enlist(plan)
+            except ConcurrentUpdate:
+                continue
+            if fresh:
+                log.info("%s enlisted from %s (%s)", node.id, peer, plan.reason)
+            return EnlistOutcome(
+                200, node=node.id, state=node.state, repeat=not fresh, ssh_authorized_keys=keys
+            )
+        return EnlistOutcome(503, "the node kept changing under the enlist; try again")
+
+    def _plan(
+        self, digest: str, record: TokenRecord, request: EnlistRequest, peer: str
+    ) -> EnlistWrite | EnlistOutcome:
+        """What to write for an accepted token, or the refusal when the node may not enlist."""
+        try:
+            target = self._target(record, request)
+        except NotFoundError:
+            verdict = Verdict(403, "the token's node no longer exists", "no_node")
+            return self._refuse(record, request.mac, verdict, peer)
+        path = path_to_enlisted(target.state if target else None)
+        if path is None and target is not None:
+            verdict = Verdict(403, f"{target.id} is {target.state}", "not_enlistable")
+            return self._refuse(record, request.mac, verdict, peer, also=target.id)
+        dmi = request.inventory.system.uuid
+        data: dict[str, Any] = {"peer": peer, "via": f"{record.purpose} token"}
+        if target is not None and target.guid and dmi and target.guid not in uuid_candidates(dmi):
+            data["uuid_mismatch"] = True
+            log.warning("%s enlisted with DMI UUID %s, its GUID is %s", target.id, dmi, target.guid)
+        return EnlistWrite(
+            token_hash=digest,
+            boot_id=request.boot_id,
+            mac=request.mac,
+            node_id=target.id if target else None,
+            guid=dmi if target is None else None,
+            expect=target.state if target else None,
+            path=path or (),
+            inventory=request.inventory,
+            reason=f"enlisted: {summary(request.inventory)}",
+            data=data,
+        )
+
+    def refuse_enlist(self, mac: str | None, reason: str, peer: str) -> None:
+        self._refuse(None, mac, Verdict(401, reason, "no_token"), peer)
+
+    def _target(self, record: TokenRecord, request: EnlistRequest) -> Node | None:
+        """The node this enlist is for; None: a new one (discovery of an unknown machine)."""
+        if record.purpose == JOIN:
+            return self._store.get_node(record.node_id)
+        dmi = request.inventory.system.uuid
+        for candidate in uuid_candidates(dmi) if dmi else ():
+            node = self._store.node_by_guid(candidate)
+            if node is not None:
+                return node
+        node_id = self._store.mac_node(request.mac)
+        return self._store.get_node(node_id) if node_id else None
+
+    def _refuse(
+        self,
+        record: TokenRecord | None,
+        mac: str | None,
+        verdict: Verdict,
+        peer: str,
+        also: str | None = None,
+    ) -> EnlistOutcome:
+        """Log it, and put it on the token's node and the MAC's node when they are known."""
+        nodes = [record.node_id] if record is not None and record.node_id else []
+        if also and also not in nodes:
+            nodes.append(also)
+        if mac is not None:
+            bound = self._store.mac_node(mac)
+            if bound and bound not in nodes:
+                nodes.append(bound)
+        data = {"mac": mac, "peer": peer, "code": verdict.code, "status": verdict.status}
+        for node_id in nodes:
+            self._store.add_event(
+                node_id, "enlist.refused", f"enlist from {peer} refused: {verdict.reason}", data
+            )
+        log.warning("enlist from %s (MAC %s) refused: %s", peer, mac or "?", verdict.reason)
+        return EnlistOutcome(verdict.status, verdict.reason)
+
+    def _public_keys(self) -> tuple[str, ...]:
+        if self._ssh_keys is None:
+            state_dir = getattr(self._store, "state_dir", None)
+            if state_dir is None:
+                raise SshKeyError("no place for the control plane's SSH key pair: pass ssh_keys")
+            self._ssh_keys = for_state_dir(state_dir)
+        return (self._ssh_keys.public_line(),)

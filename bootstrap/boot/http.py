@@ -7,6 +7,8 @@ Routes (``make_app``)::
     GET|HEAD /images/{name}/{file}      kernel, initrd, rootfs; ``current`` names the
                                         current image; Range, ETag = manifest sha256
     POST     /api/v1/callback           a booted node reports in, Bearer join token
+    POST     /api/v1/enlist             the node agent enlists: Bearer token + inventory
+                                        (enlist_http.py)
 
 Every step a machine takes is an event through the backend: ``http.script``
 when its script is rendered, ``http.file`` when a download starts (the MAC
@@ -47,6 +49,9 @@ from ..config import BootConfig
 from ..errors import FatalError, MetalseedError, NotFoundError
 from ..image.catalogue import Catalogue, Image, ImageError, safe_name
 from .backend import BootBackend, BootProfile, Machine
+from .enlist import bearer_token
+from .enlist_http import PATH as ENLIST_PATH
+from .enlist_http import EnlistApi
 from .scripts import RETRY_SECONDS, ScriptError, ScriptRenderer, parse_mac, unbootable_reason
 
 log = logging.getLogger(__name__)
@@ -208,7 +213,8 @@ class _BootHandlers:
         token = None
         if machine.profile is BootProfile.PROVISION:
             token = self.backend.mint_token(machine.node_id or "", mac)
-        # issue 4: an ENLIST machine gets a short-lived discovery token here
+        elif machine.profile is BootProfile.ENLIST:  # may enlist as a new node, once, soon
+            token = self.backend.mint_discovery_token(mac, self.config.discovery_token_ttl)
         try:
             script = self.renderer.render(
                 machine,
@@ -377,7 +383,7 @@ class _BootHandlers:
             except ValueError:
                 mac = None
 
-        token = _bearer(request.headers.get("Authorization"))
+        token = bearer_token(request.headers.get("Authorization"))
         node_id = None
         if token is not None:
             try:
@@ -448,16 +454,6 @@ def _if_range_holds(header: str | None, etag: str, st: os.stat_result) -> bool:
     return int(st.st_mtime) <= when.timestamp()
 
 
-def _bearer(header: str | None) -> str | None:
-    if not header:
-        return None
-    scheme, _, value = header.strip().partition(" ")
-    value = value.strip()
-    if scheme.lower() != "bearer" or not value or len(value) > 512 or " " in value:
-        return None
-    return value
-
-
 @web.middleware
 async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Refuse and log path traversal before routing makes it a plain 404."""
@@ -479,8 +475,12 @@ def make_app(
     mac_for: MacFor | None = None,
     renderer: ScriptRenderer | None = None,
     retry_seconds: int = RETRY_SECONDS,
+    provisioning_cidr: str | None = None,
 ) -> web.Application:
-    """The boot HTTP application. ``seed_url``: how machines reach us, e.g. ``http://10.0.0.1``."""
+    """The boot HTTP application. ``seed_url``: how machines reach us, e.g. ``http://10.0.0.1``.
+
+    ``provisioning_cidr``: the network enlisted nodes let in (default: ``config.interface``'s).
+    """
     handlers = _BootHandlers(
         backend,
         catalogue,
@@ -495,6 +495,10 @@ def make_app(
     app.router.add_get("/boot/{mac}.ipxe", handlers.script)
     app.router.add_get("/images/{name}/{file}", handlers.image_file)  # HEAD too
     app.router.add_post("/api/v1/callback", handlers.callback)
+    enlist = EnlistApi(
+        backend, config, seed_url=handlers.seed_url, provisioning_cidr=provisioning_cidr
+    )
+    app.router.add_post(ENLIST_PATH, enlist.handle)
     return app
 
 

@@ -118,11 +118,13 @@ def nodes_show(obj: Ctx, node: str, as_json: bool) -> int:
     store = actions.open_store(obj.config())
     found = store.find_node(node)
     events = store.events(found.id, limit=20)
+    inventory = store.get_inventory(found.id)
     if as_json:
         data = found.to_json()
         data["events"] = [e.to_json() for e in events]
         cred = store.get_credential(found.id)
         data["bmc_user"] = cred.username if cred else None
+        data["inventory"] = inventory.to_json() if inventory else None
         ui.print_json(data)
         return 0
     cred = store.get_credential(found.id)
@@ -137,9 +139,68 @@ def nodes_show(obj: Ctx, node: str, as_json: bool) -> int:
     ]
     fields += [(k, v) for k, v in sorted(found.facts.items()) if k != "fru"]
     fields += [(f"fru {k}", v) for k, v in sorted(found.facts.get("fru", {}).items())]
+    if inventory is not None:
+        fields += _inventory_fields(inventory)
     ui.print_table(["field", "value"], fields)
+    if inventory is not None:
+        _print_inventory(inventory.inventory)
     _print_events(events)
     return 0
+
+
+def _size(n: int | None) -> str:
+    if not n:
+        return ""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def _inventory_fields(found) -> list[tuple[str, object]]:
+    """The enlisted inventory's one-line facts (NodeInventory)."""
+    inv = found.inventory
+    system = " ".join(v for v in (inv.system.vendor, inv.system.product) if v)
+    return [
+        ("enlisted", f"{ui.ago(found.received)} from {found.mac}, boot {found.boot_id}"),
+        ("system", system or "(unknown)"),
+        ("system uuid", inv.system.uuid or ""),
+        ("system serial", inv.system.serial or ""),
+        ("cpus", f"{inv.cpus.count} x {inv.cpus.model or '?'}"),
+        ("memory", _size(inv.memory_bytes)),
+    ]
+
+
+def _print_inventory(inv) -> None:
+    """Disks, NICs and LLDP neighbours of an ``Inventory`` as tables."""
+    disks = [
+        (
+            d.name,
+            _size(d.size_bytes),
+            {True: "yes", False: "no", None: "unknown"}[d.empty],
+            d.signature
+            or (f"{d.partitions} partitions" if d.partitions else "")
+            or (f"used by {', '.join(d.holders)}" if d.holders else ""),
+            "yes" if d.rotational else "no",
+            d.model or "",
+            d.serial or "",
+            d.wwn or "",
+        )
+        for d in inv.disks
+    ]
+    headers = ["disk", "size", "empty", "holds", "rotational", "model", "serial", "wwn"]
+    ui.print_table(headers, disks)
+    nics = [
+        (n.name, n.mac, n.driver or "", n.link, f"{n.speed_mbps} Mb/s" if n.speed_mbps else "")
+        for n in inv.nics
+    ]
+    ui.print_table(["nic", "mac", "driver", "link", "speed"], nics)
+    if inv.lldp:
+        rows = [
+            (n.interface, n.chassis_name or n.chassis_id or "", n.port_id or "", n.management_ip)
+            for n in inv.lldp
+        ]
+        ui.print_table(["nic", "switch", "port", "switch address"], rows)
 
 
 def _print_events(events) -> None:
@@ -335,6 +396,7 @@ def boot_device(
 # The command groups in the other modules register themselves on `cli`.
 from . import boot as _boot  # noqa: E402,F401
 from . import lab as _lab  # noqa: E402,F401
+from . import run as _run  # noqa: E402,F401
 
 
 def main() -> None:

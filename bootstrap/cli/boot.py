@@ -39,40 +39,43 @@ from . import Ctx, cli
     help="Do not answer IPv6 router solicitations.",
 )
 @click.pass_obj
-def serve(
-    obj: Ctx,
-    interface: str | None,
-    mode: str | None,
-    pool: str | None,
-    http_port: int | None,
-    tftp_port: int | None,
-    force: bool | None,
-    no_ra: bool,
-) -> int:
+def serve(obj: Ctx, **flags) -> int:
     """Serve DHCP, TFTP and HTTP boot on the provisioning interface until stopped."""
     from ..boot.serve import serve as run_serve
 
-    config = obj.config(
-        **{
-            "boot.interface": interface,
-            "boot.mode": mode,
-            "boot.pool": pool,
-            "boot.http_port": http_port,
-            "boot.tftp_port": tftp_port,
-            "boot.force": force or None,
-            "boot.router_advertisements": False if no_ra else None,
-        }
-    )
-
-    def ready(info) -> None:
-        click.echo(
-            f"serving on {info.interface} ({info.address}, {info.mode} mode): "
-            f"HTTP {info.seed_url}, TFTP port {info.tftp_port}; Ctrl-C to stop",
-            err=True,
-        )
-
-    asyncio.run(run_serve(config, on_ready=ready))
+    config = obj.config(**serve_overrides(**flags))
+    asyncio.run(run_serve(config, on_ready=announce_serving))
     return 0
+
+
+def serve_overrides(
+    *,
+    interface: str | None = None,
+    mode: str | None = None,
+    pool: str | None = None,
+    http_port: int | None = None,
+    tftp_port: int | None = None,
+    force: bool | None = None,
+    no_ra: bool = False,
+) -> dict[str, object]:
+    """The config overrides of the boot-service flags (shared by `serve` and `run`)."""
+    return {
+        "boot.interface": interface,
+        "boot.mode": mode,
+        "boot.pool": pool,
+        "boot.http_port": http_port,
+        "boot.tftp_port": tftp_port,
+        "boot.force": force or None,
+        "boot.router_advertisements": False if no_ra else None,
+    }
+
+
+def announce_serving(info) -> None:
+    click.echo(
+        f"serving on {info.interface} ({info.address}, {info.mode} mode): "
+        f"HTTP {info.seed_url}, TFTP port {info.tftp_port}; Ctrl-C to stop",
+        err=True,
+    )
 
 
 @cli.command()

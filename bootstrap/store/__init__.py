@@ -9,7 +9,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any, Protocol
 
-from ..models import BmcAddress, Credential, Event, Lease, Node, TokenRecord
+from ..models import (
+    BmcAddress,
+    Credential,
+    EnlistWrite,
+    Event,
+    Lease,
+    Node,
+    NodeInventory,
+    TokenRecord,
+)
 from ..states import NodeState
 
 
@@ -103,11 +112,22 @@ class StateStore(Protocol):
     def reserve(self, mac: str, ip: str, node_id: str | None = None) -> None:
         """Pin ``ip`` to ``mac``; an address reserved for another MAC is an error."""
 
-    def add_token(
-        self, hash: str, *, node_id: str, mac: str, purpose: str, expires: float
-    ) -> None: ...
+    def add_token(self, hash: str, *, node_id: str, mac: str, purpose: str, expires: float) -> None:
+        """Remember a token by its hash. ``purpose`` "join" (for ``node_id``) or
+        "discovery" (``node_id`` "": an unknown machine; set to the node it enlisted)."""
 
     def get_token(self, hash: str) -> TokenRecord | None: ...
 
-    def use_token(self, hash: str) -> TokenRecord | None:
-        """Mark a live token used, atomically; None if unknown, expired or already used."""
+    def use_token(self, hash: str, *, by: str | None = None) -> TokenRecord | None:
+        """Mark a live token used (by boot id ``by``), atomically; None if unknown, expired
+        or already used."""
+
+    # -- enlist: inventories ----------------------------------------------------
+
+    def get_inventory(self, node_id: str) -> NodeInventory | None:
+        """The node's latest inventory, or None before it first enlisted."""
+
+    def apply_enlist(self, write: EnlistWrite) -> tuple[Node, bool]:
+        """Apply one enlist atomically (see ``EnlistWrite``): (node, True); (node, False)
+        when the token was already used by this same boot (nothing written);
+        ``ConcurrentUpdate`` when the token or the node changed since the plan."""

@@ -23,7 +23,8 @@ from ..errors import ConcurrentUpdate, NotFoundError, StoreError
 from ..models import BmcAddress, Credential, Event, Node
 from ..secretbox import SecretBox
 from ..states import NodeState, check_transition
-from .sqlite_boot import BOOT_SCHEMA, BootTablesMixin
+from .sqlite_boot import BOOT_COLUMNS, BOOT_SCHEMA, BootTablesMixin
+from .sqlite_enlist import ENLIST_SCHEMA, EnlistTablesMixin
 
 SCHEMA_VERSION = 1
 
@@ -61,15 +62,16 @@ CREATE TABLE IF NOT EXISTS credentials (
 """
 
 
-def node_id_for(guid: str | None, bmc: BmcAddress | None) -> str:
-    """A short, stable id: from the GUID when known, else from the BMC address."""
+def node_id_for(guid: str | None, bmc: BmcAddress | None, mac: str | None = None) -> str:
+    """A short, stable id: from the GUID when known, else from the BMC address (or, for a
+    machine that turned up by netbooting, its MAC)."""
     if guid:
         return "node-" + guid.replace("-", "")[:8]
-    key = str(bmc or "").encode()
+    key = f"mac {mac}".encode() if bmc is None and mac else str(bmc or "").encode()
     return "node-" + hashlib.sha256(key).hexdigest()[:8]
 
 
-class SqliteStore(BootTablesMixin):
+class SqliteStore(BootTablesMixin, EnlistTablesMixin):
     def __init__(self, path: Path, secrets: SecretBox, clock: Callable[[], float] = time.time):
         self._path = path
         self._secrets = secrets
@@ -90,7 +92,11 @@ class SqliteStore(BootTablesMixin):
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
                 conn.execute("PRAGMA foreign_keys=ON")
-                conn.executescript(SCHEMA + BOOT_SCHEMA)
+                conn.executescript(SCHEMA + BOOT_SCHEMA + ENLIST_SCHEMA)
+                for table, column, declaration in BOOT_COLUMNS:  # older state dirs
+                    have = {r["name"] for r in conn.execute(f"PRAGMA table_info({table})")}
+                    if column not in have:
+                        conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
                 conn.execute(
                     "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)",
                     (str(SCHEMA_VERSION),),
@@ -123,6 +129,11 @@ class SqliteStore(BootTablesMixin):
                 return self._connect().execute(sql, args).fetchall()
             except sqlite3.Error as exc:
                 raise StoreError(f"state store read failed: {exc}") from None
+
+    @property
+    def state_dir(self) -> Path:
+        """The directory the store lives in: the seed's state directory."""
+        return self._path.parent
 
     def close(self) -> None:
         with self._lock:
@@ -173,58 +184,77 @@ class SqliteStore(BootTablesMixin):
         facts: Mapping[str, Any] | None = None,
         message: str = "",
     ) -> Node:
-        check_transition(None, state)
-        now = self._clock()
-        node_id = node_id_for(guid, bmc)
         with self._tx() as conn:
-            if guid and conn.execute("SELECT 1 FROM nodes WHERE guid=?", (guid,)).fetchone():
-                raise ConcurrentUpdate(f"a node with GUID {guid} exists already")
-            taken = conn.execute("SELECT 1 FROM nodes WHERE id=?", (node_id,)).fetchone()
-            suffix = 1
-            base = node_id
-            while taken:  # a GUID-prefix collision: extend the id, stay stable
-                suffix += 1
-                node_id = f"{base}-{suffix}"
-                taken = conn.execute("SELECT 1 FROM nodes WHERE id=?", (node_id,)).fetchone()
-            if bmc is not None:
-                for row in conn.execute(
-                    "SELECT id FROM nodes WHERE bmc_host=? AND bmc_port=?", (bmc.host, bmc.port)
-                ).fetchall():
-                    # The address now answers for another machine: the old node lets go.
-                    conn.execute(
-                        "UPDATE nodes SET bmc_host=NULL, bmc_port=NULL WHERE id=?", (row["id"],)
-                    )
-                    self._insert_event(
-                        conn,
-                        row["id"],
-                        "discovery",
-                        f"BMC {bmc} now answers for another machine",
-                        {},
-                    )
-            try:
-                conn.execute(
-                    "INSERT INTO nodes (id, guid, bmc_host, bmc_port, state, reason, state_since,"
-                    " created, updated, facts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        node_id,
-                        guid,
-                        bmc.host if bmc else None,
-                        bmc.port if bmc else None,
-                        str(state),
-                        reason,
-                        now,
-                        now,
-                        now,
-                        json.dumps(dict(facts or {}), sort_keys=True),
-                    ),
-                )
-            except sqlite3.IntegrityError as exc:
-                raise ConcurrentUpdate(f"node for {guid or bmc} exists already: {exc}") from None
-            self._insert_event(
-                conn, node_id, "state", message or f"new node, {state}", {"to": str(state)}, now
+            node_id = self._insert_node(
+                conn, guid=guid, bmc=bmc, state=state, reason=reason, facts=facts, message=message
             )
             row = conn.execute("SELECT * FROM nodes WHERE id=?", (node_id,)).fetchone()
         return self._node(row)
+
+    def _insert_node(
+        self,
+        conn: sqlite3.Connection,
+        *,
+        guid: str | None,
+        bmc: BmcAddress | None,
+        state: NodeState,
+        reason: str = "",
+        facts: Mapping[str, Any] | None = None,
+        message: str = "",
+        mac: str | None = None,
+        now: float | None = None,
+    ) -> str:
+        """Insert a node and its first event inside ``conn``'s transaction; its id."""
+        check_transition(None, state)
+        now = self._clock() if now is None else now
+        node_id = node_id_for(guid, bmc, mac)
+        if guid and conn.execute("SELECT 1 FROM nodes WHERE guid=?", (guid,)).fetchone():
+            raise ConcurrentUpdate(f"a node with GUID {guid} exists already")
+        taken = conn.execute("SELECT 1 FROM nodes WHERE id=?", (node_id,)).fetchone()
+        suffix = 1
+        base = node_id
+        while taken:  # a GUID-prefix collision: extend the id, stay stable
+            suffix += 1
+            node_id = f"{base}-{suffix}"
+            taken = conn.execute("SELECT 1 FROM nodes WHERE id=?", (node_id,)).fetchone()
+        if bmc is not None:
+            for row in conn.execute(
+                "SELECT id FROM nodes WHERE bmc_host=? AND bmc_port=?", (bmc.host, bmc.port)
+            ).fetchall():
+                # The address now answers for another machine: the old node lets go.
+                conn.execute(
+                    "UPDATE nodes SET bmc_host=NULL, bmc_port=NULL WHERE id=?", (row["id"],)
+                )
+                self._insert_event(
+                    conn,
+                    row["id"],
+                    "discovery",
+                    f"BMC {bmc} now answers for another machine",
+                    {},
+                )
+        try:
+            conn.execute(
+                "INSERT INTO nodes (id, guid, bmc_host, bmc_port, state, reason, state_since,"
+                " created, updated, facts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    node_id,
+                    guid,
+                    bmc.host if bmc else None,
+                    bmc.port if bmc else None,
+                    str(state),
+                    reason,
+                    now,
+                    now,
+                    now,
+                    json.dumps(dict(facts or {}), sort_keys=True),
+                ),
+            )
+        except sqlite3.IntegrityError as exc:
+            raise ConcurrentUpdate(f"node for {guid or bmc} exists already: {exc}") from None
+        self._insert_event(
+            conn, node_id, "state", message or f"new node, {state}", {"to": str(state)}, now
+        )
+        return node_id
 
     def get_node(self, node_id: str) -> Node:
         rows = self._read("SELECT * FROM nodes WHERE id=?", (node_id,))
@@ -324,18 +354,31 @@ class SqliteStore(BootTablesMixin):
             current = NodeState(row["state"])
             if expect is not None and current != expect:
                 raise ConcurrentUpdate(f"{node_id} is {current}, expected {expect}", node=node_id)
-            check_transition(current, target)
-            now = self._clock()
-            since = row["state_since"] if current == target else now
-            conn.execute(
-                "UPDATE nodes SET state=?, reason=?, state_since=?, updated=? WHERE id=?",
-                (str(target), reason, since, now, node_id),
-            )
-            message = f"{current} -> {target}" + (f": {reason}" if reason else "")
-            payload = {"from": str(current), "to": str(target), **(data or {})}
-            self._insert_event(conn, node_id, "state", message, payload, now)
+            self._move(conn, node_id, current, target, reason, data or {}, self._clock())
             row = conn.execute("SELECT * FROM nodes WHERE id=?", (node_id,)).fetchone()
         return self._node(row)
+
+    def _move(
+        self,
+        conn: sqlite3.Connection,
+        node_id: str,
+        current: NodeState,
+        target: NodeState,
+        reason: str,
+        data: Mapping[str, Any],
+        now: float,
+    ) -> None:
+        """One checked transition and its event, inside ``conn``'s transaction."""
+        check_transition(current, target)
+        since = None if current == target else now  # the same state keeps its start
+        conn.execute(
+            "UPDATE nodes SET state=?, reason=?, state_since=COALESCE(?, state_since), updated=?"
+            " WHERE id=?",
+            (str(target), reason, since, now, node_id),
+        )
+        message = f"{current} -> {target}" + (f": {reason}" if reason else "")
+        payload = {"from": str(current), "to": str(target), **data}
+        self._insert_event(conn, node_id, "state", message, payload, now)
 
     # -- events ---------------------------------------------------------------
 

@@ -42,7 +42,8 @@ CREATE TABLE IF NOT EXISTS tokens (
     purpose TEXT NOT NULL,
     expires REAL NOT NULL,
     created REAL NOT NULL,
-    used    REAL
+    used    REAL,
+    used_by TEXT
 );
 CREATE INDEX IF NOT EXISTS tokens_node ON tokens (node_id);
 """
@@ -136,16 +137,20 @@ class BootTablesMixin:
         rows = self._read("SELECT * FROM tokens WHERE hash=?", (hash,))
         return _token(rows[0]) if rows else None
 
-    def use_token(self, hash: str) -> TokenRecord | None:
+    def use_token(self, hash: str, *, by: str | None = None) -> TokenRecord | None:
         now = self._clock()
         with self._tx() as conn:
             cur = conn.execute(
-                "UPDATE tokens SET used=? WHERE hash=? AND used IS NULL AND expires>=?",
-                (now, hash, now),
+                "UPDATE tokens SET used=?, used_by=? WHERE hash=? AND used IS NULL AND expires>=?",
+                (now, by, hash, now),
             )
             if cur.rowcount != 1:
                 return None
             return _token(conn.execute("SELECT * FROM tokens WHERE hash=?", (hash,)).fetchone())
+
+
+#: columns added after a table was first created: (table, column, declaration)
+BOOT_COLUMNS = (("tokens", "used_by", "TEXT"),)
 
 
 def _token(row: sqlite3.Row) -> TokenRecord:
@@ -157,4 +162,5 @@ def _token(row: sqlite3.Row) -> TokenRecord:
         expires=row["expires"],
         created=row["created"],
         used=row["used"],
+        used_by=row["used_by"],
     )

@@ -161,7 +161,9 @@ def test_an_unknown_machine_gets_the_enlist_script(seed):
     script = body.decode()
     assert status == 200 and headers["cache-control"] == "no-store"
     assert script.startswith("#!ipxe\n")
-    assert "metalseed.mode=enlist" in script and "metalseed.token=" not in script
+    assert "metalseed.mode=enlist" in script and "metalseed.node=" not in script
+    token = script.split("metalseed.token=")[1].split()[0]  # a discovery token (issue 4)
+    assert seed.backend.check_token(token) is None  # not a join token
     assert f"{seed.url}/images/test-1/vmlinuz?mac={hyphen(UNKNOWN_MAC)}" in script
 
 

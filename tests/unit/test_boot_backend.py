@@ -22,26 +22,6 @@ GUID = "4c4c4544-0042-3510-8052-b4c04f4d3232"
 MAC = "52:54:00:12:34:56"
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock():
-    return Clock()
-
-
-@pytest.fixture
-def store(tmp_path, clock):
-    s = SqliteStore(tmp_path / "state.db", SecretBox(tmp_path / "secret.key"), clock=clock)
-    yield s
-    s.close()
-
-
 @pytest.fixture
 def backend(store, clock):
     return StoreBackend(store, token_ttl=60, clock=clock)

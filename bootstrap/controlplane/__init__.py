@@ -1,0 +1,1 @@
+"""The control plane: the orchestrator that chains the stages (later: leader election)."""
