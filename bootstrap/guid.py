@@ -36,3 +36,15 @@ def decode_system_guid(wire: bytes) -> str:
     if _plausible(smbios):
         return str(smbios)
     return str(ipmi)
+
+
+def uuid_candidates(text: str) -> tuple[str, ...]:
+    """A UUID as sent, and with the first three fields byte-swapped.
+
+    IPMI and SMBIOS encode the first three fields of the same UUID in opposite
+    byte orders, and firmware is not consistent about which it sends; matching
+    either ties the same machine together.
+    """
+    value = uuid.UUID(text)
+    swapped = uuid.UUID(bytes_le=value.bytes)
+    return (str(value), str(swapped)) if swapped != value else (str(value),)

@@ -24,11 +24,11 @@ import hashlib
 import logging
 import secrets
 import time
-import uuid as uuidlib
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from ..errors import ConcurrentUpdate, IllegalTransition, NotFoundError
+from ..guid import uuid_candidates
 from ..models import EnlistWrite, Node, Secret, TokenRecord
 from ..sshkeys import SeedKeyPair, SshKeyError, for_state_dir
 from ..states import NodeState
@@ -107,18 +107,6 @@ def normalise_mac(mac: str) -> str:
     if len(digits) != 12 or any(ch not in "0123456789abcdef" for ch in digits):
         raise ValueError(f"not a MAC address: {mac!r}")
     return ":".join(digits[i : i + 2] for i in range(0, 12, 2))
-
-
-def uuid_candidates(text: str) -> tuple[str, ...]:
-    """A UUID as sent, and with the first three fields byte-swapped.
-
-    IPMI and SMBIOS encode the first three fields of the same UUID in opposite
-    byte orders, and firmware is not consistent about which it sends; matching
-    either ties the same machine together.
-    """
-    value = uuidlib.UUID(text)
-    swapped = uuidlib.UUID(bytes_le=value.bytes)
-    return (str(value), str(swapped)) if swapped != value else (str(value),)
 
 
 def token_hash(token: str) -> str:

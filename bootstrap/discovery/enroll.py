@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from ..errors import BmcAuthError, ConcurrentUpdate, MetalseedError
+from ..guid import uuid_candidates
 from ..models import BmcAddress, BmcIdentity, Credential, Node, Secret
 from ..power.base import BmcTarget, PowerDriver
 from ..states import NodeState
@@ -147,7 +148,12 @@ class Enroller:
 
     def _upsert(self, bmc: BmcAddress, identity: BmcIdentity, known: Node | None) -> Node:
         facts = self._facts(identity)
-        node = self.store.node_by_guid(identity.guid)
+        # the same machine may be known under the other byte order of its UUID (it
+        # enlisted by netbooting first, and its firmware sent the UUID the other way)
+        node = next(
+            (n for g in uuid_candidates(identity.guid) if (n := self.store.node_by_guid(g))),
+            None,
+        )
         if node is None and known is not None and known.guid is None:
             return self.store.update_node(
                 known.id,

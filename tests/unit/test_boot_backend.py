@@ -9,9 +9,9 @@ from bootstrap.boot.backend import (
     StoreBackend,
     normalise_mac,
     token_hash,
-    uuid_candidates,
 )
 from bootstrap.errors import ConcurrentUpdate
+from bootstrap.guid import uuid_candidates
 from bootstrap.models import BmcAddress, Lease
 from bootstrap.secretbox import SecretBox
 from bootstrap.states import NodeState

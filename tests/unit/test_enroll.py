@@ -166,3 +166,18 @@ def test_failed_rotation_keeps_the_working_login(store):
     node = store.find_node(machine.guid)
     assert store.get_credential(node.id) == FACTORY
     enroller.driver._ensure_user = real
+
+
+def test_a_machine_that_enlisted_first_is_the_same_node_when_its_bmc_is_found(store):
+    import uuid
+
+    machine = FakeMachine(password="factory")
+    # it netbooted before anyone swept its BMC; its firmware sent the UUID in the
+    # other byte order, so the enlisted node carries that form
+    swapped = str(uuid.UUID(bytes_le=uuid.UUID(machine.guid).bytes))
+    assert swapped != machine.guid
+    enlisted = store.create_node(guid=swapped, bmc=None, state=NodeState.BOOTING)
+    result = make(store, {A1: machine}).enroll(A1)
+    assert result.error is None and result.node == enlisted.id
+    [node] = store.list_nodes()
+    assert node.bmc == A1 and node.state == NodeState.BOOTING
