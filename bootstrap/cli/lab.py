@@ -128,3 +128,119 @@ def lab_bmc(
         signal.signal(sig, lambda *_: stop.set())
     sim.run(stop)
     return 0
+
+
+# -- the rack: lab up | down | status ------------------------------------------------------
+
+
+def _parse_machines(values: tuple[str, ...], kind: str) -> dict[str, int]:
+    """``--machines 3`` (of --kind) or ``--machines netns=2 --machines qemu=1``."""
+    counts: dict[str, int] = {}
+    for value in values:
+        name, sep, number = value.partition("=")
+        if not sep:
+            name, number = kind, value
+        if not number.isdigit() or int(number) < 1:
+            raise UsageError(f"--machines {value!r}: give N or KIND=N, N at least 1")
+        counts[name] = counts.get(name, 0) + int(number)
+    return counts
+
+
+@lab.command("up")
+@click.option(
+    "--machines",
+    "machines",
+    multiple=True,
+    default=(),
+    help="How many machines: N (of --kind) or KIND=N; repeat to mix kinds.",
+)
+@click.option(
+    "--kind",
+    type=click.Choice(["qemu", "netns", "fake"]),
+    default="qemu",
+    show_default=True,
+    help="The kind for a plain --machines N.",
+)
+@click.option("--disks", default="", help="Data disks per machine, e.g. 2x20G (sparse files).")
+@click.option("--memory", type=int, default=1536, show_default=True, help="MiB per QEMU VM.")
+@click.option("--no-seed", is_flag=True, help="Do not start the seed daemon in the lab.")
+@click.option(
+    "--image",
+    type=click.Choice(["node", "callback", "current"]),
+    default="node",
+    show_default=True,
+    help="What the seed boots: the node image (built, cached), the small call-back "
+    "image, or whatever the catalogue's current image is.",
+)
+@click.pass_obj
+def lab_up(
+    obj, machines: tuple[str, ...], kind: str, disks: str, memory: int, no_seed: bool, image: str
+) -> int:
+    """Build the lab (or add machines to it, powered off) and start its seed."""
+    from ..lab.rack import Rack, parse_disks
+
+    config = obj.config()
+    rack = Rack(config)
+
+    def ensure_image() -> None:
+        from ..image.catalogue import Catalogue
+
+        if image == "current":
+            if Catalogue(config.images_dir).current() is None:
+                raise UsageError("--image current: the catalogue has no current image")
+        elif image == "callback":
+            from ..image.callback import default_cache, ensure_callback_image
+
+            ensure_callback_image(config.images_dir, cache_dir=default_cache(), make_current=True)
+        else:
+            from ..image import build
+
+            built = build.build_image(progress=lambda text, fraction: None)
+            build.install_image(built, config.images_dir, name="node", make_current=True)
+
+    state, added = rack.up(
+        _parse_machines(machines, kind),
+        disks=parse_disks(disks),
+        memory=memory,
+        seed=not no_seed,
+        image=ensure_image,
+        progress=lambda text: click.echo(text, err=True),
+    )
+    click.echo(f"lab {state.id} up: {len(state.machines)} machines ({len(added)} new)")
+    return 0
+
+
+@lab.command("down")
+@click.pass_obj
+def lab_down(obj) -> int:
+    """Remove every namespace, process, loop device and mount the lab made."""
+    from ..lab.rack import Rack
+
+    done = Rack(obj.config()).down(progress=lambda text: click.echo(text, err=True))
+    if not any(done.values()):
+        click.echo("no lab is up")
+    return 0
+
+
+@lab.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object.")
+@click.pass_obj
+def lab_status(obj, as_json: bool) -> int:
+    """The lab's machines: kind, power, BMC, address, node state, disks."""
+    from .. import ui
+    from ..lab.rack import Rack
+
+    state, rows = Rack(obj.config()).status()
+    if as_json:
+        ui.print_json({"lab": state.id if state else None, "machines": rows})
+        return 0
+    if state is None:
+        click.echo("no lab is up")
+        return 0
+    headers = ["machine", "kind", "power", "mac", "bmc", "ip", "node", "state", "disks"]
+    ui.print_table(
+        headers,
+        [[r[h] if h != "disks" else " ".join(r["disks"]) for h in headers] for r in rows],
+        title=f"lab {state.id}",
+    )
+    return 0

@@ -1,0 +1,175 @@
+"""The lab's machine kinds: how each is wired, powered on and off, and described.
+
+* ``qemu``: a TCG VM (``lab.qemu``) with the ipxe-qemu NIC ROM, its tap on the
+  provisioning bridge, virtio data disks (sparse files), console in a log.
+
+The BMC simulator's power hook is ``python -m bootstrap.lab.machines hook
+LAB_DIR``: it finds the machine by the BMC's GUID in the lab record and
+powers it by its kind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .labstate import LabState, LabStore, Machine
+from .netns import Netns
+
+if TYPE_CHECKING:
+    from .rack import Rack
+
+log = logging.getLogger(__name__)
+
+
+def machine_mac(n: int, guid: str) -> str:
+    """The lab's MAC for machine number ``n``: unique within a lab up to 2**24 machines."""
+    return "52:54:00:" + ":".join(f"{(n >> s) & 0xFF:02x}" for s in (16, 8, 0))
+
+
+def _vm_dir(lab_dir: Path) -> Path:
+    return lab_dir / "machines"
+
+
+def _vm_spec(state: LabState, machine: Machine, n: int | None = None):
+    from .qemu import VmSpec
+
+    return VmSpec(
+        name=machine.name,
+        uuid=machine.uuid,
+        mac=machine.mac,
+        tap=f"q{machine.mac.replace(':', '')[-6:]}",
+        netns=state.ns("sw"),
+        memory=machine.memory or 1536,
+        disks=tuple(machine.disks),
+    )
+
+
+def create(rack: Rack, state: LabState, machine: Machine, n: int) -> None:
+    """Wire a new machine to the provisioning segment (powered off)."""
+    if machine.kind == "qemu":
+        spec = _vm_spec(state, machine)
+        sw = Netns(state.ns("sw"))
+        sw.ip("tuntap", "add", "dev", spec.tap, "mode", "tap")
+        sw.ip("link", "set", spec.tap, "master", "prov", "up")
+        machine.netns = sw.name
+        rack.store.save(state)
+        return
+    raise NotImplementedError(machine.kind)
+
+
+def power_on(lab_dir: Path, state: LabState, machine: Machine) -> None:
+    if machine.kind == "qemu":
+        from .qemu import start_vm
+
+        start_vm(_vm_spec(state, machine), _vm_dir(lab_dir))
+        return
+    raise NotImplementedError(machine.kind)
+
+
+def power_off_machine(lab_dir: Path, state: LabState, machine: Machine) -> bool:
+    if machine.kind == "qemu":
+        from .qemu import stop_vm
+
+        return stop_vm(machine.name, _vm_dir(lab_dir)) is not None
+    return False
+
+
+def power_off(rack: Rack, state: LabState, machine: Machine) -> bool:
+    return power_off_machine(rack.dir, state, machine)
+
+
+def is_on(lab_dir: Path, state: LabState, machine: Machine) -> bool:
+    if machine.kind == "qemu":
+        from .qemu import vm_running
+
+        return vm_running(machine.name, _vm_dir(lab_dir))
+    return False
+
+
+def release(rack: Rack, state: LabState) -> int:
+    """Loop devices and mounts of the lab's machines; the number of loop devices freed."""
+    return 0
+
+
+def describe(rack: Rack, state: LabState, machine: Machine) -> dict[str, Any]:
+    from ..actions import open_store
+    from ..guid import uuid_candidates
+
+    row: dict[str, Any] = {
+        "machine": machine.name,
+        "kind": machine.kind,
+        "mac": machine.mac,
+        "bmc": machine.bmc,
+        "power": "on" if is_on(rack.dir, state, machine) else "off",
+        "disks": [f"{size // 1024}G" if size >= 1024 else f"{size}M" for size in machine.disks],
+        "node": None,
+        "state": None,
+        "ip": None,
+    }
+    if not rack.config.db_path.exists():
+        return row
+    store = open_store(rack.config)
+    try:
+        node = next(
+            (n for g in uuid_candidates(machine.uuid) if (n := store.node_by_guid(g))), None
+        )
+        if node is not None:
+            row["node"], row["state"] = node.id, str(node.state)
+        lease = next((lease for lease in store.leases() if lease.mac == machine.mac), None)
+        if lease is not None:
+            row["ip"] = lease.ip
+    finally:
+        store.close()
+    return row
+
+
+# -- the BMC power hook --------------------------------------------------------------------
+
+
+def hook(lab_dir: Path, power: str, guid: str) -> int:
+    state = LabStore(lab_dir).load()
+    if state is None:
+        log.error("no lab recorded in %s", lab_dir)
+        return 1
+    machine = state.machine(guid)
+    if machine is None:
+        log.warning("no lab machine behind BMC GUID %s", guid)
+        return 0
+    if power == "on":
+        power_on(lab_dir, state, machine)
+    elif power == "off":
+        power_off_machine(lab_dir, state, machine)
+    elif power == "reset":
+        power_off_machine(lab_dir, state, machine)
+        power_on(lab_dir, state, machine)
+    else:
+        log.error("unknown power state %r", power)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bootstrap.lab.machines")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    h = sub.add_parser("hook", help="BMC power hook: METALSEED_POWER, METALSEED_BMC_GUID")
+    h.add_argument("lab_dir", type=Path)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="lab-machines: %(message)s", stream=sys.stderr)
+    power, guid = os.environ.get("METALSEED_POWER"), os.environ.get("METALSEED_BMC_GUID")
+    if not power or not guid:
+        log.error("METALSEED_POWER and METALSEED_BMC_GUID must be set")
+        return 2
+    try:
+        return hook(args.lab_dir, power, guid)
+    except Exception as exc:  # a hook's failure is the BMC's error to report; say why
+        log.error("power %s for %s failed: %s", power, guid, exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""`metalseed lab up|down|status`: a rack in namespaces, found and booted by its own seed.
+
+QEMU machines with real iPXE firmware boot the call-back image here (the node
+image has its own tests). What is asserted: the seed daemon the lab starts
+finds each machine's BMC on the BMC segment, netboots it with no further
+command, a machine added to a running lab is found too, and `lab down`
+leaves no namespace, process or QEMU behind -- also after `lab up` was
+killed halfway.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, cli
+
+pytestmark = [pytest.mark.root, pytest.mark.netns]
+
+TIMEOUT = 150
+
+
+def _lab_namespaces(lab_id: str) -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.startswith(f"msl{lab_id}-")]
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+            state = (entry / "stat").read_text().rpartition(")")[2].split()[0]
+        except OSError:
+            continue
+        if text.encode() in cmdline and state not in ("Z", "X"):
+            pids.append(int(entry.name))
+    return pids
+
+
+def _status(state: Path) -> dict:
+    return json.loads(cli("lab", "status", "--json", state_dir=state).stdout)
+
+
+def _wait_machines(state: Path, names: set[str], timeout: float = TIMEOUT) -> dict:
+    """Until every named machine's node has called home; returns the last status."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = _status(state)
+        done = set()
+        for row in status["machines"]:
+            if row["machine"] in names and row["node"]:
+                events = json.loads(
+                    cli("events", row["node"], "--json", "--limit", "300", state_dir=state).stdout
+                )
+                if any(e["kind"] == "boot.callback" for e in events):
+                    done.add(row["machine"])
+        if done == names:
+            return status
+        if time.monotonic() > deadline:
+            seed_log = (state / "lab" / "seed.log").read_text()[-3000:]
+            raise AssertionError(f"not called home: {names - done}\n{status}\n{seed_log}")
+        time.sleep(1)
+
+
+@pytest.fixture
+def lab_state(tmp_path, qemu_available):
+    state = tmp_path / "state"
+    yield state
+    if (state / "lab" / "lab.json").exists():
+        cli("lab", "down", state_dir=state, check=False, timeout=120)
+
+
+@pytest.mark.qemu
+def test_a_lab_rack_is_found_booted_grown_and_torn_down(lab_state, kernel_cache):
+    up = cli(
+        "lab", "up", "--machines", "qemu=1", "--image", "callback", state_dir=lab_state, timeout=180
+    )
+    assert "lab " in up.stdout and "1 new" in up.stdout, up.stdout + up.stderr
+    status = _wait_machines(lab_state, {"qemu1"})
+    lab_id = status["lab"]
+    [row] = status["machines"]
+    assert row["power"] == "on" and row["state"] == "booting" and row["ip"].startswith("10.231.")
+    assert len(_lab_namespaces(lab_id)) == 3
+
+    # rack another machine into the running lab: powered off, then found by the seed
+    cli("lab", "up", "--machines", "qemu=1", "--image", "callback", state_dir=lab_state)
+    status = _wait_machines(lab_state, {"qemu1", "qemu2"})
+    rows = {r["machine"]: r for r in status["machines"]}
+    assert rows["qemu2"]["power"] == "on" and rows["qemu2"]["node"] != rows["qemu1"]["node"]
+    nodes = json.loads(cli("nodes", "list", "--json", state_dir=lab_state).stdout)
+    assert len(nodes) == 2  # nobody found twice
+
+    down = cli("lab", "down", state_dir=lab_state, timeout=120)
+    assert "down" in down.stderr
+    assert _lab_namespaces(lab_id) == []
+    assert _processes_mentioning(str(lab_state / "lab")) == []
+    assert _processes_mentioning("metalseed-qemu") == []
+    assert "no lab is up" in cli("lab", "status", state_dir=lab_state).stdout
+
+
+def test_lab_down_after_a_killed_lab_up_leaves_nothing(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    state = tmp_path / "state"
+    argv = [sys.executable, "-m", "bootstrap", "--state-dir", str(state), "lab", "up"]
+    argv += ["--machines", "qemu=2", "--image", "current"]
+    proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    record = state / "lab" / "lab.json"
+    deadline = time.monotonic() + 30
+    # kill it once it has made namespaces and started the BMC simulator (before the seed)
+    while time.monotonic() < deadline:
+        if record.exists() and '"bmcs-1"' in record.read_text():
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    lab = json.loads(record.read_text())
+    assert _lab_namespaces(lab["id"]), "the lab had made namespaces when it was killed"
+    assert _processes_mentioning(str(state / "lab")), "its BMC simulator was running"
+
+    cli("lab", "down", state_dir=state, timeout=120)
+    assert _lab_namespaces(lab["id"]) == []
+    assert _processes_mentioning(str(state / "lab")) == []
+    assert not record.exists()
+    cli("lab", "down", state_dir=state)  # again: nothing to do, no error
