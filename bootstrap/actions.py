@@ -15,7 +15,7 @@ from .discovery import DiscoveryReport, Enroller, discover, load_credentials
 from .discovery.ranges import parse_ranges
 from .discovery.sweep import Progress
 from .errors import IllegalTransition, MetalseedError, NotFoundError, UsageError
-from .models import Node
+from .models import BmcAddress, Node
 from .parallel import Outcome, run_all
 from .power import driver_for
 from .power.base import BmcTarget, PowerDriver
@@ -186,6 +186,20 @@ def _each(job, nodes, concurrency, on_done, deadline=None) -> list[NodeOutcome]:
     ]
 
 
+def _already_enrolled(store: StateStore) -> Callable[[BmcAddress], bool]:
+    settled = {NodeState.DISCOVERED, NodeState.RETIRED}
+
+    def known(address: BmcAddress) -> bool:
+        node = store.node_by_bmc(address)
+        return (
+            node is not None
+            and node.state not in settled
+            and store.get_credential(node.id) is not None
+        )
+
+    return known
+
+
 def run_discovery(
     config: Config,
     store: StateStore,
@@ -194,7 +208,13 @@ def run_discovery(
     *,
     on_probe: Progress | None = None,
     on_enrolled=None,
+    only_new: bool = False,
 ) -> DiscoveryReport:
+    """Sweep ``ranges`` and enroll what answers.
+
+    ``only_new``: log in only to BMCs that are not already a node with a working
+    login (the daemon's periodic sweeps: racked machines, not the whole rack again).
+    """
     ranges = list(ranges) or list(config.discovery.ranges)
     if not ranges:
         raise UsageError("give at least one RANGE (or set discovery.ranges in the config)")
@@ -217,6 +237,7 @@ def run_discovery(
         probe_window=config.discovery.probe_window,
         concurrency=config.bmc.concurrency,
         deadline=config.bmc.job_deadline,
+        skip=_already_enrolled(store) if only_new else None,
         on_probe=on_probe,
         on_enrolled=on_enrolled,
     )

@@ -31,14 +31,16 @@ def make_orchestrator(config: Config) -> Orchestrator:
     if config.discovery.ranges and config.discovery.credentials_file is not None:
 
         def sweep() -> None:
-            report = actions.run_discovery(config, store, driver, [])
-            new = [r for r in report.results if r.error is None]
-            log.info(
-                "BMC sweep of %s: %d BMCs answered, %d enrolled",
-                ", ".join(config.discovery.ranges),
-                len(report.results),
-                len(new),
-            )
+            report = actions.run_discovery(config, store, driver, [], only_new=True)
+            if report.results:
+                failed = [r for r in report.results if r.error is not None]
+                log.info(
+                    "BMC sweep of %s: %d BMCs answered, %d new enrolled, %d failed",
+                    ", ".join(config.discovery.ranges),
+                    len(report.sweep.found),
+                    len(report.results) - len(failed),
+                    len(failed),
+                )
 
     else:
         log.warning(

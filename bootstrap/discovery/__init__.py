@@ -68,6 +68,7 @@ def discover(
     probe_window: int,
     concurrency: int,
     deadline: float | None = None,
+    skip: Callable[[BmcAddress], bool] | None = None,
     on_probe: Progress | None = None,
     on_enrolled: Callable[[EnrollResult], None] | None = None,
 ) -> DiscoveryReport:
@@ -86,9 +87,10 @@ def discover(
         if on_enrolled is not None:
             on_enrolled(_result_of(outcome))
 
+    found = [a for a in swept.found if skip is None or not skip(a)]
     outcomes = run_all(
         enroller.enroll,
-        list(swept.found),
+        found,
         concurrency=concurrency,
         on_done=done,
         deadline=deadline,

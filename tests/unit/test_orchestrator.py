@@ -143,3 +143,23 @@ def test_the_sweep_runs_at_start_and_on_its_interval(store, clock):
     clock.now += 25
     orch.tick()
     assert calls == [start, start + 35]
+
+
+def test_a_periodic_sweep_logs_in_only_to_new_bmcs(store, tmp_path, monkeypatch):
+    from bootstrap import actions
+    from bootstrap.discovery.sweep import SweepResult
+
+    machines = {A1: FakeMachine(password="factory"), A2: FakeMachine(password="factory")}
+    enroll(store, {A1: machines[A1]})
+    creds = tmp_path / "creds"
+    creds.write_text("admin:factory\n")
+    creds.chmod(0o600)
+    config = Config(discovery=dataclasses.replace(Config().discovery, credentials_file=creds))
+    driver = FakePowerDriver(machines, attempts=1, sleep=lambda s: None)
+    swept = SweepResult(found={A1: None, A2: None}, probed=2, seconds=0.0, malformed=0)
+    # the presence probe is UDP on the wire (tested in tests/functional); here it "found" both
+    monkeypatch.setattr("bootstrap.discovery.sweep", lambda *a, **k: swept)
+    machines[A1].calls.clear()
+    report = actions.run_discovery(config, store, driver, ["10.0.0.1-2"], only_new=True)
+    assert [r.bmc for r in report.results] == [A2]
+    assert "login" not in machines[A1].calls  # the enrolled one was not logged into again
