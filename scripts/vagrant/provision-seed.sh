@@ -29,8 +29,8 @@ TOML
 ( umask 077; printf 'admin:%s\n' "${METALSEED_LAB_FACTORY_PASSWORD:-lab-factory-pw}" \
     > /etc/metalseed/bmc-credentials )
 
-install -m 0644 contrib/systemd/metalseed-serve.service /etc/systemd/system/
+install -m 0644 contrib/systemd/metalseed.service /etc/systemd/system/
 systemctl daemon-reload
 metalseed image build            # the node image, cached by its recipe's hash
-systemctl enable --now metalseed-serve.service
-echo "seed ready: metalseed serve on eth1 ($SEED_IP); BMCs at $mgmt:$((base + 1))-$((base + nodes))"
+systemctl enable --now metalseed.service
+echo "seed ready: metalseed run on eth1 ($SEED_IP); BMCs at $mgmt:$((base + 1))-$((base + nodes))"
