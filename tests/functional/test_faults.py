@@ -67,7 +67,7 @@ def test_discovery_of_a_misbehaving_rack(rack, addr_block, creds_file, state_dir
     assert rows[where["already_on"]]["power"] == "on"
 
     refused = rows[where["other_password"]]
-    assert refused["state"] == "discovered"
+    assert refused["state"] == "discovered", refused
     assert "refused every login" in refused["error"]
     assert FACTORY_PASSWORD not in proc.stdout + proc.stderr
 
