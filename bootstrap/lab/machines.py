@@ -2,6 +2,10 @@
 
 * ``qemu``: a TCG VM (``lab.qemu``) with the ipxe-qemu NIC ROM, its tap on the
   provisioning bridge, virtio data disks (sparse files), console in a log.
+* ``fake``: the firmware's steps for real (DHCP as PXE and iPXE, TFTP, HTTP,
+  checksums) and an enlist with a generated inventory, then nothing
+  (``lab.fakemachine``); every fake of a lab shares one namespace and one
+  interface, and one process boots them all -- for scale.
 
 The BMC simulator's power hook is ``python -m bootstrap.lab.machines hook
 LAB_DIR``: it finds the machine by the BMC's GUID in the lab record and
@@ -49,8 +53,39 @@ def _vm_spec(state: LabState, machine: Machine, n: int | None = None):
     )
 
 
+def _fakes_file(lab_dir: Path) -> Path:
+    return lab_dir / "fakes.json"
+
+
+def _write_fakes(lab_dir: Path, state: LabState) -> None:
+    from .fakemachine import FakeSpec, write_machines
+
+    specs = [
+        FakeSpec(
+            name=m.name,
+            uuid=m.uuid,
+            mac=m.mac,
+            interface="eth0",
+            netns=state.ns("fake"),
+            disks=len(m.disks) or None,
+        )
+        for m in state.machines
+        if m.kind == "fake"
+    ]
+    write_machines(_fakes_file(lab_dir), lab_dir / "fakes", specs)
+
+
 def create(rack: Rack, state: LabState, machine: Machine, n: int) -> None:
     """Wire a new machine to the provisioning segment (powered off)."""
+    if machine.kind == "fake":
+        ns = Netns(state.ns("fake"))
+        if not ns.exists():
+            rack._namespace(state, "fake")
+            rack._veth(Netns(state.ns("sw")), "prov", "fk", ns, "eth0")
+        machine.netns = ns.name
+        rack.store.save(state)
+        _write_fakes(rack.dir, state)
+        return
     if machine.kind == "qemu":
         spec = _vm_spec(state, machine)
         sw = Netns(state.ns("sw"))
@@ -63,6 +98,11 @@ def create(rack: Rack, state: LabState, machine: Machine, n: int) -> None:
 
 
 def power_on(lab_dir: Path, state: LabState, machine: Machine) -> None:
+    if machine.kind == "fake":
+        from .fakemachine import power
+
+        power(_fakes_file(lab_dir), machine.uuid, "on")
+        return
     if machine.kind == "qemu":
         from .qemu import start_vm
 
@@ -72,6 +112,10 @@ def power_on(lab_dir: Path, state: LabState, machine: Machine) -> None:
 
 
 def power_off_machine(lab_dir: Path, state: LabState, machine: Machine) -> bool:
+    if machine.kind == "fake":
+        from .fakemachine import power
+
+        return power(_fakes_file(lab_dir), machine.uuid, "off") is not None
     if machine.kind == "qemu":
         from .qemu import stop_vm
 
@@ -79,16 +123,29 @@ def power_off_machine(lab_dir: Path, state: LabState, machine: Machine) -> bool:
     return False
 
 
-def power_off(rack: Rack, state: LabState, machine: Machine) -> bool:
-    return power_off_machine(rack.dir, state, machine)
+def stop_all(rack: Rack, state: LabState) -> int:
+    """Power every machine off (``lab down``); how many were running."""
+    stopped = sum(power_off_machine(rack.dir, state, m) for m in state.machines if m.kind != "fake")
+    if any(m.kind == "fake" for m in state.machines) and _fakes_file(rack.dir).exists():
+        from .fakemachine import rack_status, read_machines, stop_rack
+
+        fakes = read_machines(_fakes_file(rack.dir))
+        status = rack_status(fakes, state.ns("fake")) or {}
+        stopped += sum(1 for row in status.values() if row.get("power") == "on")
+        stop_rack(fakes, state.ns("fake"))
+    return stopped
 
 
-def is_on(lab_dir: Path, state: LabState, machine: Machine) -> bool:
-    if machine.kind == "qemu":
-        from .qemu import vm_running
+def _powered(rack: Rack, state: LabState) -> dict[str, bool]:
+    from .qemu import vm_running
 
-        return vm_running(machine.name, _vm_dir(lab_dir))
-    return False
+    on = {m.name: vm_running(m.name, _vm_dir(rack.dir)) for m in state.machines if m.kind == "qemu"}
+    if any(m.kind == "fake" for m in state.machines) and _fakes_file(rack.dir).exists():
+        from .fakemachine import rack_status, read_machines
+
+        status = rack_status(read_machines(_fakes_file(rack.dir)), state.ns("fake")) or {}
+        on.update({name: row.get("power") == "on" for name, row in status.items()})
+    return on
 
 
 def release(rack: Rack, state: LabState) -> int:
@@ -96,36 +153,40 @@ def release(rack: Rack, state: LabState) -> int:
     return 0
 
 
-def describe(rack: Rack, state: LabState, machine: Machine) -> dict[str, Any]:
+def describe_all(rack: Rack, state: LabState) -> list[dict[str, Any]]:
+    """A row per machine: kind, power, BMC, address and node state from the seed's store."""
     from ..actions import open_store
     from ..guid import uuid_candidates
 
-    row: dict[str, Any] = {
-        "machine": machine.name,
-        "kind": machine.kind,
-        "mac": machine.mac,
-        "bmc": machine.bmc,
-        "power": "on" if is_on(rack.dir, state, machine) else "off",
-        "disks": [f"{size // 1024}G" if size >= 1024 else f"{size}M" for size in machine.disks],
-        "node": None,
-        "state": None,
-        "ip": None,
-    }
-    if not rack.config.db_path.exists():
-        return row
-    store = open_store(rack.config)
+    powered = _powered(rack, state)
+    rows = []
+    store = open_store(rack.config) if rack.config.db_path.exists() else None
     try:
-        node = next(
-            (n for g in uuid_candidates(machine.uuid) if (n := store.node_by_guid(g))), None
-        )
-        if node is not None:
-            row["node"], row["state"] = node.id, str(node.state)
-        lease = next((lease for lease in store.leases() if lease.mac == machine.mac), None)
-        if lease is not None:
-            row["ip"] = lease.ip
+        leases = {lease.mac: lease.ip for lease in store.leases()} if store else {}
+        for machine in state.machines:
+            node = None
+            if store is not None:
+                node = next(
+                    (n for g in uuid_candidates(machine.uuid) if (n := store.node_by_guid(g))),
+                    None,
+                )
+            rows.append(
+                {
+                    "machine": machine.name,
+                    "kind": machine.kind,
+                    "mac": machine.mac,
+                    "bmc": machine.bmc,
+                    "power": "on" if powered.get(machine.name) else "off",
+                    "ip": leases.get(machine.mac),
+                    "node": node.id if node else None,
+                    "state": str(node.state) if node else None,
+                    "disks": [f"{d // 1024}G" if d >= 1024 else f"{d}M" for d in machine.disks],
+                }
+            )
     finally:
-        store.close()
-    return row
+        if store is not None:
+            store.close()
+    return rows
 
 
 # -- the BMC power hook --------------------------------------------------------------------

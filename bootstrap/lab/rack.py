@@ -303,8 +303,7 @@ class Rack:
             seed = [p for p in state.processes if p.name == "seed"]
             for process in seed + [p for p in reversed(state.processes) if p.name != "seed"]:
                 done["processes"] += stop(process)
-            for machine in state.machines:
-                done["machines"] += kinds_impl.power_off(self, state, machine)
+            done["machines"] = kinds_impl.stop_all(self, state)
             done["loops"] = kinds_impl.release(self, state)
             for name in reversed(state.namespaces):
                 if (NETNS_DIR / name).exists():
@@ -327,7 +326,7 @@ class Rack:
         state = self.store.load()
         if state is None:
             return None, []
-        return state, [kinds_impl.describe(self, state, m) for m in state.machines]
+        return state, kinds_impl.describe_all(self, state)
 
 
 def _wait_for(path: Path, what: str, logfile: Path, timeout: float = 30.0) -> None:

@@ -133,3 +133,40 @@ def test_lab_down_after_a_killed_lab_up_leaves_nothing(tmp_path):
     assert _processes_mentioning(str(state / "lab")) == []
     assert not record.exists()
     cli("lab", "down", state_dir=state)  # again: nothing to do, no error
+
+
+def test_fifty_fake_machines_are_found_booted_and_enlisted(tmp_path, kernel_cache):
+    """The fake kind does the firmware's steps for real, then enlists a generated inventory."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    state = tmp_path / "state"
+    try:
+        cli(
+            "lab",
+            "up",
+            "--machines",
+            "fake=50",
+            "--image",
+            "callback",
+            state_dir=state,
+            timeout=180,
+        )
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            status = _status(state)
+            states = [r["state"] for r in status["machines"]]
+            if states.count("enlisted") == 50:
+                break
+            assert time.monotonic() < deadline, f"not all enlisted: {states}"
+            time.sleep(1)
+        nodes = json.loads(cli("nodes", "list", "--json", state_dir=state).stdout)
+        assert len(nodes) == 50 and len({n["guid"] for n in nodes}) == 50  # none duplicated
+        assert all(r["power"] == "on" and r["ip"] for r in status["machines"])
+        assert len({r["ip"] for r in status["machines"]}) == 50
+        shown = json.loads(cli("nodes", "show", nodes[0]["node"], "--json", state_dir=state).stdout)
+        assert shown["inventory"]["nics"][0]["mac"] in {r["mac"] for r in status["machines"]}
+        lab_id = status["lab"]
+    finally:
+        cli("lab", "down", state_dir=state, timeout=120, check=False)
+    assert _lab_namespaces(lab_id) == []
+    assert _processes_mentioning(str(state / "lab")) == []
