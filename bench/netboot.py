@@ -385,7 +385,7 @@ def py_spy() -> str | None:
 
 
 @contextlib.contextmanager
-def profile(pid: int, out: Path) -> Iterator[None]:
+def profile(pid: int, out: Path, rate: int = 200) -> Iterator[None]:
     """Sample ``pid`` with py-spy while the body runs (a no-op without py-spy).
 
     py-spy samples until the body ends, then gets SIGINT, on which it writes
@@ -395,7 +395,7 @@ def profile(pid: int, out: Path) -> Iterator[None]:
     if spy is None:
         yield
         return
-    argv = [spy, "record", "--pid", str(pid), "--rate", "200", "--format", "raw"]
+    argv = [spy, "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw"]
     argv += ["--nonblocking", "--output", str(out)]
     with out.with_suffix(".log").open("w") as log:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
@@ -432,7 +432,7 @@ def _ours(path: str) -> bool:
     return path.startswith("bootstrap/") or "/bootstrap/" in path
 
 
-def profile_summary(out: Path, top: int = 8) -> list[str] | None:
+def profile_summary(out: Path, top: int = 8, rate: int = 200) -> list[str] | None:
     """Markdown lines: where the working (not waiting) samples were.
 
     Two columns: the innermost frame (own time, any code), and metalseed's own
@@ -463,7 +463,7 @@ def profile_summary(out: Path, top: int = 8) -> list[str] | None:
     if not busy:
         return None
     lines = [
-        f"py-spy at 200 Hz: {samples} samples, {waiting} of them a thread waiting (in "
+        f"py-spy at {rate} Hz: {samples} samples, {waiting} of them a thread waiting (in "
         f"select/epoll, a thread pool's queue, a lock); shares below are of the other {busy}:",
         "",
         "| innermost function (own time) | share | | metalseed function (with callees) | share |",

@@ -36,6 +36,7 @@ MODULES = (
     "bench.dhcp_bench",
     "bench.tftp_bench",
     "bench.http_bench",
+    "bench.storm",
 )
 DEFAULT_OUTPUT = REPO / "docs" / "benchmarks.md"
 

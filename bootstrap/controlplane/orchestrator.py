@@ -146,13 +146,19 @@ class Orchestrator:
             elif decision.step is Step.GIVE_UP:
                 self._give_up(decision)
         if netboots:
-            run_all(
+            outcomes = run_all(
                 self._netboot,
                 netboots,
                 concurrency=self.config.bmc.concurrency,
                 deadline=self.config.bmc.job_deadline,
                 describe=lambda d: d.node_id,
             )
+            for outcome in outcomes:
+                if outcome.error is not None:  # abandoned past its deadline: say so
+                    self.store.add_event(
+                        outcome.item.node_id, "orchestrator", f"netboot: {outcome.error}"
+                    )
+                    log.warning("%s", outcome.error)
         return decisions
 
     def _sweep_due(self, now: float) -> bool:

@@ -7,6 +7,7 @@ name the BMC and never carry a password.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
@@ -92,7 +93,25 @@ def _bound_pyghmi_waits() -> None:
 
     ipmi_session._io_wait = bounded_io_wait
     _refuse_reentrant_commands()
+    _one_session_table_lock()
     _pyghmi_patched = True
+
+
+def _one_session_table_lock() -> None:
+    """Make pyghmi 1.6's two session-table locks one, ending an ABBA deadlock.
+
+    ``Session.awaitresponse`` holds ``WAITING_SESSIONS`` while it handles a
+    timeout, and the retransmit it sends takes ``KEEPALIVE_SESSIONS``;
+    ``send_payload`` in another thread holds ``KEEPALIVE_SESSIONS`` and takes
+    ``WAITING_SESSIONS`` to register its wait. Two threads doing those at once
+    deadlock every IPMI session in the process for good. Seen in the lab: the
+    seed daemon netbooting 100 machines while the box was loaded stopped
+    talking IPMI (py-spy: one thread in ``_timedout -> send_payload`` waiting
+    for KEEPALIVE, the others on WAITING). Both are RLocks held only briefly;
+    one reentrant lock for both tables cannot deadlock on lock order. pyghmi
+    looks the module globals up at each use, so replacing them is enough.
+    """
+    ipmi_session.KEEPALIVE_SESSIONS = ipmi_session.WAITING_SESSIONS
 
 
 _in_command = threading.local()
@@ -106,16 +125,20 @@ def _refuse_reentrant_commands() -> None:
     Set Session Privilege Level -- a second command on the same session from
     the same thread, which waits for the first command (further down the very
     same stack) to finish. Seen against a lossy BMC: discovery hung for
-    minutes. A nested command on a session this thread is already inside is
-    refused instead: the session is marked broken and the error reads as a
-    timeout, so the driver's retry logs in afresh.
+    minutes -- and pyghmi runs that relogin while holding its global
+    ``WAITING_SESSIONS`` lock, so every other session in the process stalled
+    too. A nested command on a session this thread is already inside is
+    refused instead, without touching any pyghmi lock (raising unwinds the
+    outer frames, which release theirs); the error reads as a timeout, and the
+    driver marks the session broken once it is outside pyghmi and logs in
+    afresh on its retry.
     """
     original = ipmi_session.Session.raw_command
 
     def raw_command(self, *args, **kwargs):
         active = _in_command.__dict__.setdefault("sessions", set())
         if id(self) in active:
-            self._mark_broken()
+            self.metalseed_reentered = True  # see IpmiPowerDriver._raw
             raise pyghmi_exc.IpmiException(
                 "timeout: the BMC session was re-established in the middle of a command"
             )
@@ -164,6 +187,13 @@ class IpmiPowerDriver(PowerDriver):
         try:
             reply = conn.cmd.xraw_command(netfn, command, data=data, timeout=self.timeout)
         except Exception as exc:
+            session = conn.cmd.ipmi_session
+            if getattr(session, "metalseed_reentered", False):
+                # refused mid-relogin (see _refuse_reentrant_commands): retire it here,
+                # outside every pyghmi lock, so nothing keeps it alive
+                session.metalseed_reentered = False
+                with contextlib.suppress(Exception):
+                    session._mark_broken()
             raise translate(exc, conn.target, doing or f"command {netfn:#x}/{command:#x}") from None
         return bytes(reply["data"])
 
