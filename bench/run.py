@@ -13,6 +13,7 @@ that did not start, BMCs not all found, ...); 2 for bad arguments.
     python -m bench.run --only netboot     # a group: the part of the name before "-"
     python -m bench.run --quick            # shorter runs (a smoke test, not figures to quote)
     python -m bench.run --list
+    python -m bench.run --only lab-storm --merge   # re-run one, update its part of the report
 """
 
 from __future__ import annotations
@@ -147,6 +148,43 @@ def assemble(
     return "\n".join(out).rstrip() + "\n"
 
 
+def merge(existing: str, sections: list[Section], command: str, when: str) -> str:
+    """``existing`` report with ``sections`` put in place of (or after) those of the same title.
+
+    The summary keeps the other benchmarks' rows and takes the new ones; each
+    merged section says when and with which command it was run on its own.
+    """
+    head, *parts = existing.split("\n## ")
+    blocks = {p.split("\n", 1)[0]: "## " + p for p in parts}
+    summary = blocks.pop("Summary", "")
+    titles = {s.title for s in sections}
+    kept_rows = [
+        line
+        for line in summary.splitlines()
+        if line.startswith("| ")
+        and not line.startswith("| benchmark")
+        and line.split(" | ")[0][2:] not in titles
+    ]
+    new_rows = [
+        f"| {s.title} | {r.metric} | {r.result} |"
+        for s in sections
+        for r in s.rows
+        if r.result in (PASS, MISSED)
+    ]
+    for section in sections:
+        text = section.markdown().rstrip()
+        title_line, _, body = text.partition("\n")
+        note = (
+            f"_Run on its own on {when} with `{command} --merge`; the machine facts "
+            "above are those of the last full run._"
+        )
+        blocks[section.title] = f"{title_line}\n\n{note}\n{body}\n"
+    out = [head.rstrip() + "\n", "## Summary\n\n| benchmark | metric | result |\n|---|---|---|"]
+    out.append("\n".join(kept_rows + new_rows) + "\n")
+    out += [b.rstrip() + "\n" for b in blocks.values()]
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -167,6 +205,11 @@ def main(argv: list[str] | None = None) -> int:
         "--quick",
         action="store_true",
         help="fewer and shorter rounds: a smoke test of the harness, not figures to quote",
+    )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="with --only: update those sections of docs/benchmarks.md, keep the rest",
     )
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     args = parser.parse_args(argv)
@@ -213,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         command = f"{'python -m bench.run' if command == 'make bench' else command} --quick"
     report = assemble(sections, started, command, (load_start, _load()))
+    if args.merge and args.only and DEFAULT_OUTPUT.exists():
+        when = started.strftime("%Y-%m-%d %H:%M UTC")
+        report = merge(DEFAULT_OUTPUT.read_text(), sections, command, when)
+        output = DEFAULT_OUTPUT
     if output is None:
         sys.stdout.write(report)
     else:

@@ -114,6 +114,7 @@ def storm(options: Options) -> Section:
             guids = collections.Counter(node["guid"] for node in nodes)
             duplicated = sum(c - 1 for c in guids.values() if c > 1)
             summary = _profile_lines(tmp / "seed.prof")
+            load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
         finally:
             subprocess.run(
                 [*metalseed_argv(), "--state-dir", str(state), "lab", "down"],
@@ -145,6 +146,15 @@ def storm(options: Options) -> Section:
         Row("`lab up` returned after", "—", fmt_s(up_seconds)),
         *[Row(f"{mark}", "—", fmt_s(t)) for mark, t in timeline.items()],
     ]
+    section.notes.append(
+        f"Load average (1/5/15 min) when the last machine enlisted: {load}. Besides the seed, "
+        "the box runs the BMC simulator, the fake rack, and one short-lived power-hook "
+        "process per power change (the simulator's command hook: a Python start-up for each "
+        f"of the {n:,} power-ons), all on the same 2 cores. The seed netboots machines "
+        "128 BMCs at a time (`bmc.concurrency`), each netboot being a boot-device and a "
+        "power-on exchange over a fresh RMCP+ session; its sweeps probe the whole segment "
+        "but log in only to new BMCs."
+    )
     if summary:
         section.notes.append("Where the seed's time went (py-spy on `metalseed run`):")
         section.notes.append("\n".join(summary))

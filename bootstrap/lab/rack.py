@@ -39,8 +39,8 @@ from .netns import NETNS_DIR, Netns, _ip
 
 log = logging.getLogger(__name__)
 
-PROV_NET = "10.231.0.0/24"
-BMC_NET = "10.232.0.0/24"
+PROV_NET = "10.231.0.0/21"  # room for the 1,000-machine storm: ~1,900 leases
+BMC_NET = "10.232.0.0/21"
 FIRST_BMC_HOST = 10  # BMC n is .10+n on the BMC segment
 FACTORY_LOGIN = "admin:lab-factory-pw"  # the simulated BMCs' sticker login
 KINDS = ("qemu", "netns", "fake")
