@@ -114,7 +114,27 @@ def token_hash(token: str) -> str:
 
 
 #: states from which the first boot step moves a node to ``booting``
-_STARTS_BOOTING = frozenset({NodeState.ENROLLED, NodeState.FAILED, NodeState.ENLISTED})
+_STARTS_BOOTING = frozenset({NodeState.ENROLLED, NodeState.FAILED})
+#: the boot clients whose DHCPDISCOVER means a machine is netbooting again
+_FIRMWARE_CLIENTS = frozenset({"pxe", "ipxe", "http"})
+
+
+def starts_a_boot(state: NodeState, kind: str, data: Mapping[str, Any]) -> bool:
+    """Whether boot step ``kind`` of a node in ``state`` moves it to ``booting``.
+
+    Any step does for a node not booting yet. An ``enlisted`` node goes back to
+    ``booting`` only when its firmware DHCPs again (a new netboot): not on a
+    late step of the boot that enlisted it -- TFTP and HTTP events are recorded
+    off the request path and may land after the enlist -- nor on the booted
+    OS's own DHCP client renewing its address.
+    """
+    if state in _STARTS_BOOTING:
+        return True
+    return (
+        state is NodeState.ENLISTED
+        and kind == "dhcp.discover"
+        and data.get("client") in _FIRMWARE_CLIENTS
+    )
 
 
 class StoreBackend:
@@ -164,13 +184,13 @@ class StoreBackend:
             return
         data = {"mac": mac, **(data or {})}
         node = self._store.get_node(node_id)
-        if node.state in _STARTS_BOOTING:
+        if starts_a_boot(node.state, kind, data):
             try:
                 self._store.transition(
                     node_id, NodeState.BOOTING, f"{kind}: {message}", expect=node.state, data=data
                 )
                 return
-            except IllegalTransition:
+            except (IllegalTransition, ConcurrentUpdate):
                 pass  # someone moved it meanwhile; the step is still an event
         self._store.add_event(node_id, kind, message, data)
 

@@ -132,3 +132,17 @@ def test_leases_and_reservations_persist(store, tmp_path, clock):
     assert again.reservations() == {MAC: "10.0.0.100"}
     again.delete_lease("10.0.0.100")
     assert again.leases() == []
+
+
+def test_an_enlisted_node_goes_back_to_booting_only_when_its_firmware_dhcps_again(store, backend):
+    node = store.create_node(guid=GUID, bmc=None, state=S.BOOTING)
+    backend.identify(MAC, GUID)
+    store.transition(node.id, S.ENLISTED, "enlisted")
+    # late steps of the boot that enlisted it, and the OS's own DHCP client: still enlisted
+    backend.record(MAC, "tftp.sent", "TFTP undionly.kpxe sent", {})
+    backend.record(MAC, "http.file", "download vmlinuz", {})
+    backend.record(MAC, "dhcp.discover", "DHCPDISCOVER (other)", {"client": "other"})
+    assert store.get_node(node.id).state == S.ENLISTED
+    # a new netboot: PXE firmware asks again
+    backend.record(MAC, "dhcp.discover", "DHCPDISCOVER (pxe)", {"client": "pxe"})
+    assert store.get_node(node.id).state == S.BOOTING
