@@ -71,7 +71,7 @@ def test_a_vm_netboots_the_node_image_and_enlists_with_its_inventory(lab, capsys
     node = json.loads(cli("nodes", "show", row["node"], "--json", state_dir=lab).stdout)
     inventory = node["inventory"]
     assert row["mac"] in [nic["mac"] for nic in inventory["nics"]]
-    data = [d for d in inventory["disks"] if d["size"] == DISK_MIB * 2**20]
+    data = [d for d in inventory["disks"] if d["size_bytes"] == DISK_MIB * 2**20]
     assert data and data[0]["empty"] is True, inventory["disks"]
     assert inventory["system"]["uuid"].lower() == node["guid"].lower()
 
