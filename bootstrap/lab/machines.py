@@ -2,6 +2,9 @@
 
 * ``qemu``: a TCG VM (``lab.qemu``) with the ipxe-qemu NIC ROM, its tap on the
   provisioning bridge, virtio data disks (sparse files), console in a log.
+* ``netns``: a namespace of its own with a veth on the provisioning bridge and
+  loop-device disks; power-on netboots it with the firmware emulator and
+  boots the downloaded image under ``systemd-nspawn`` (``lab.netnsmachine``).
 * ``fake``: the firmware's steps for real (DHCP as PXE and iPXE, TFTP, HTTP,
   checksums) and an enlist with a generated inventory, then nothing
   (``lab.fakemachine``); every fake of a lab shares one namespace and one
@@ -94,6 +97,15 @@ def create(rack: Rack, state: LabState, machine: Machine, n: int) -> None:
         machine.netns = sw.name
         rack.store.save(state)
         return
+    if machine.kind == "netns":
+        from .netnsmachine import Paths, create_disks
+
+        ns = rack._namespace(state, f"m{n}")
+        rack._veth(Netns(state.ns("sw")), "prov", f"m{n}", ns, "eth0", mac=machine.mac)
+        machine.netns = ns.name
+        rack.store.save(state)
+        create_disks(Paths(rack.dir, machine.name), machine.disks)
+        return
     raise NotImplementedError(machine.kind)
 
 
@@ -108,6 +120,11 @@ def power_on(lab_dir: Path, state: LabState, machine: Machine) -> None:
 
         start_vm(_vm_spec(state, machine), _vm_dir(lab_dir))
         return
+    if machine.kind == "netns":
+        from . import netnsmachine
+
+        netnsmachine.power_on(lab_dir, state, machine)
+        return
     raise NotImplementedError(machine.kind)
 
 
@@ -120,6 +137,10 @@ def power_off_machine(lab_dir: Path, state: LabState, machine: Machine) -> bool:
         from .qemu import stop_vm
 
         return stop_vm(machine.name, _vm_dir(lab_dir)) is not None
+    if machine.kind == "netns":
+        from . import netnsmachine
+
+        return netnsmachine.power_off(lab_dir, machine)
     return False
 
 
@@ -137,9 +158,13 @@ def stop_all(rack: Rack, state: LabState) -> int:
 
 
 def _powered(rack: Rack, state: LabState) -> dict[str, bool]:
+    from .netnsmachine import Paths, running
     from .qemu import vm_running
 
     on = {m.name: vm_running(m.name, _vm_dir(rack.dir)) for m in state.machines if m.kind == "qemu"}
+    on.update(
+        {m.name: running(Paths(rack.dir, m.name)) for m in state.machines if m.kind == "netns"}
+    )
     if any(m.kind == "fake" for m in state.machines) and _fakes_file(rack.dir).exists():
         from .fakemachine import rack_status, read_machines
 
@@ -150,7 +175,9 @@ def _powered(rack: Rack, state: LabState) -> dict[str, bool]:
 
 def release(rack: Rack, state: LabState) -> int:
     """Loop devices and mounts of the lab's machines; the number of loop devices freed."""
-    return 0
+    from . import netnsmachine
+
+    return netnsmachine.release(rack.dir, state)
 
 
 def describe_all(rack: Rack, state: LabState) -> list[dict[str, Any]]:
