@@ -19,6 +19,10 @@ APT_PACKAGES=(
   tftp-hpa tftpd-hpa curl    # TFTP client/server peers; curl for HTTP and tftp:// tests
   nginx-light wrk            # HTTP peer and load generator for the bench
   libpcap0.8                 # scapy's packet filters
+  debootstrap squashfs-tools # metalseed image build: the node image's root and its squashfs
+  systemd-container          # systemd-nspawn: boots the node image as a machine in the image tests
+  lynis                      # the hardening audit the image tests run inside the booted image
+  openssh-client             # ssh/ssh-keygen: the image tests log in (key) and are refused (password)
   vagrant vagrant-libvirt    # `vagrant validate` of the lab's Vagrantfile
 )
 

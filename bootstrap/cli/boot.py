@@ -166,6 +166,51 @@ def image_import(obj: Ctx, directory: Path, name: str, cmdline: str, make_curren
     return 0
 
 
+@image.command("build")
+@click.option(
+    "--output",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Also copy vmlinuz, initrd, rootfs.squashfs and manifest.json here.",
+)
+@click.option("--name", default="node", show_default=True, help="Catalogue name of the image.")
+@click.option(
+    "--current/--no-current",
+    "make_current",
+    default=True,
+    help="Make it the image new boots get (default: yes).",
+)
+@click.option("--rebuild", is_flag=True, help="Build even if the cache has this recipe's image.")
+@click.pass_obj
+def image_build(obj: Ctx, output: Path | None, name: str, make_current: bool, rebuild: bool) -> int:
+    """Build the node image from images/node/ (cached by the recipe's input hash).
+
+    The cache is $METALSEED_IMAGE_CACHE (default /var/cache/metalseed/images);
+    an unchanged recipe takes seconds. The image goes into the catalogue as NAME.
+    """
+    from ..image import build
+    from ..image.catalogue import safe_name
+
+    config = obj.config()
+    safe_name(name)
+    started = time.monotonic()
+    with ui.progress("image build", total=1000) as bar:
+
+        def progress(text: str, fraction: float) -> None:
+            bar.update(int(fraction * 1000), text=f"image build: {text}")
+
+        built = build.build_image(rebuild=rebuild, progress=progress)
+    img = build.install_image(built, config.images_dir, name=name, make_current=make_current)
+    if output is not None:
+        build.export_image(built, output)
+    sizes = ", ".join(f"{f.name} {f.size / 1e6:.1f} MB" for f in img.files.values())
+    how = "cached" if built.cached else f"built in {time.monotonic() - started:.0f} s"
+    click.echo(f"image {img.name} ({how}, input {built.key[:12]}): {sizes}")
+    if output is not None:
+        click.echo(f"files in {output}")
+    return 0
+
+
 @image.command("use")
 @click.argument("name")
 @click.pass_obj

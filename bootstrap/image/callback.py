@@ -25,10 +25,8 @@ import dataclasses
 import fcntl
 import gzip
 import hashlib
-import io
 import json
 import logging
-import lzma
 import os
 import re
 import shutil
@@ -36,11 +34,12 @@ import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ..errors import FatalError, MetalseedError, NotFoundError, UsageError
 from .catalogue import Catalogue, Image
+from .initrd import Entry, load_order, module_bytes, newc_archive, parse_modules_dep
 
 log = logging.getLogger(__name__)
 
@@ -197,82 +196,7 @@ def _download_unpack(package: str, work: Path) -> None:
     _run(["depmod", "-b", str(work / "root"), kernel.version])
 
 
-# -- modules --------------------------------------------------------------------
-
-
-def parse_modules_dep(text: str) -> dict[str, tuple[str, list[str]]]:
-    """``modules.dep`` -> {module name: (relative path, [dependency names])}."""
-
-    def name(path: str) -> str:
-        return re.sub(r"\.ko(\.\w+)?$", "", path.rsplit("/", 1)[-1]).replace("-", "_")
-
-    table = {}
-    for line in text.splitlines():
-        if ":" not in line:
-            continue
-        path, _, deps = line.partition(":")
-        table[name(path)] = (path.strip(), [name(d) for d in deps.split()])
-    return table
-
-
-def load_order(table: Mapping[str, tuple[str, list[str]]], wanted: Iterable[str]) -> list[str]:
-    """``wanted`` and everything they depend on, each after its dependencies."""
-    order: list[str] = []
-    visiting: set[str] = set()
-
-    def visit(mod: str) -> None:
-        mod = mod.replace("-", "_")
-        if mod in order:
-            return
-        if mod not in table:
-            raise UsageError(f"kernel module {mod} is not in modules.dep")
-        if mod in visiting:
-            raise UsageError(f"kernel module dependency cycle at {mod}")
-        visiting.add(mod)
-        for dep in table[mod][1]:
-            visit(dep)
-        visiting.discard(mod)
-        order.append(mod)
-
-    for mod in wanted:
-        visit(mod)
-    return order
-
-
-# -- cpio -----------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Entry:
-    """One file, directory, symlink or device node in the initramfs."""
-
-    path: str  # without a leading slash
-    mode: int  # including the type bits
-    data: bytes = b""
-    rdev: tuple[int, int] = (0, 0)
-
-
-def newc_archive(entries: Sequence[Entry], mtime: int = 0) -> bytes:
-    """A newc (SVR4, no CRC) cpio archive, as the kernel unpacks initramfs."""
-    out = io.BytesIO()
-
-    def pad() -> None:
-        out.write(b"\0" * (-out.tell() % 4))
-
-    def header(ino: int, mode: int, nlink: int, size: int, rdev: tuple[int, int], name: str):
-        raw = name.encode() + b"\0"
-        fields = (ino, mode, 0, 0, nlink, mtime, size, 0, 0, rdev[0], rdev[1], len(raw), 0)
-        out.write(b"070701" + "".join(f"{v:08x}" for v in fields).encode())
-        out.write(raw)
-        pad()
-
-    for ino, entry in enumerate(entries, start=1):
-        nlink = 2 if stat.S_ISDIR(entry.mode) else 1
-        header(ino, entry.mode, nlink, len(entry.data), entry.rdev, entry.path)
-        out.write(entry.data)
-        pad()
-    header(0, 0, 1, 0, (0, 0), "TRAILER!!!")
-    return out.getvalue()
+# -- the initramfs --------------------------------------------------------------
 
 
 def initramfs_entries(
@@ -290,20 +214,8 @@ def initramfs_entries(
         Entry("etc/metalseed/udhcpc.script", x, (recipe / "udhcpc.script").read_bytes()),
         Entry("etc/metalseed/modules", f, "".join(f"{m}\n" for m, _ in modules).encode()),
     ]
-    entries += [Entry(f"lib/modules/{m}.ko", f, _module_bytes(path)) for m, path in modules]
+    entries += [Entry(f"lib/modules/{m}.ko", f, module_bytes(path)) for m, path in modules]
     return sorted(entries, key=lambda e: e.path)
-
-
-def _module_bytes(path: Path) -> bytes:
-    """A module's ELF bytes: busybox insmod loads plain ``.ko`` files only."""
-    data = path.read_bytes()
-    if path.suffix == ".xz":
-        return lzma.decompress(data)
-    if path.suffix == ".gz":
-        return gzip.decompress(data)
-    if path.suffix != ".ko":
-        raise UsageError(f"{path.name}: cannot unpack this module compression")
-    return data
 
 
 # -- the image ------------------------------------------------------------------

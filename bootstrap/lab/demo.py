@@ -3,11 +3,12 @@
 Part one starts 8 simulated BMCs on loopback, then runs the operator's
 commands for real (each printed before it runs): discover with credential
 rotation, boot device, power on, the node table, and cross-checks one machine
-with ipmitool. Part two (``demo_netboot``, as root) powers a QEMU machine on
-through its simulated BMC and shows it netboot from ``metalseed serve`` and
-call home, with timings. Everything it starts is stopped by PID; its state
-lives in a temporary directory that is removed at the end (``--keep`` keeps
-it).
+with ipmitool. Part two (``demo_lab``, as root) brings up the lab -- 3 netns
+machines and 1 QEMU VM, each behind a simulated BMC -- and its seed daemon
+finds, netboots and enlists them into the hardened node image with no further
+command; the node table, one inventory and the timings are printed, and the
+lab is torn down. Everything it starts is stopped by PID; its state lives in a
+temporary directory that is removed at the end (``--keep`` keeps it).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import demo_netboot
+from . import demo_lab
 
 FACTORY_PASSWORD = "lab-factory-pw"  # the simulated BMCs' factory login, as on a sticker
 
@@ -40,7 +41,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--count", type=int, default=8)
     parser.add_argument("--keep", action="store_true", help="keep the state directory")
-    parser.add_argument("--no-netboot", action="store_true", help="skip the QEMU netboot part")
+    parser.add_argument("--no-lab", action="store_true", help="skip the lab part")
     args = parser.parse_args()
 
     port = 623 if os.geteuid() == 0 else 6230
@@ -114,14 +115,14 @@ def main() -> int:
             [*ms, "discover", f"127.0.1.0/28:{port}", "--credentials", str(creds), "--rotate"]
         )
         _run([*ms, "events", "--limit", "6"])
-        reason = "--no-netboot was given" if args.no_netboot else demo_netboot.why_not()
+        reason = "--no-lab was given" if args.no_lab else demo_lab.why_not()
         if reason:
-            print(f"\n(netboot part skipped: {reason})")
+            print(f"\n(lab part skipped: {reason})")
         else:
-            timings.update(demo_netboot.netboot_demo(_run, me, work, port, creds))
+            timings.update(demo_lab.lab_demo(_run, me, work))
         print("\ntimings:")
         for what, seconds in timings.items():
-            print(f"  {what:<28} {seconds:6.2f} s")
+            print(f"  {what:<34} {seconds:7.2f} s")
         return 0
     except subprocess.CalledProcessError as exc:
         print(f"demo step failed with exit code {exc.returncode}", file=sys.stderr)

@@ -1,0 +1,2 @@
+# metalseed: no core dumps from login shells
+ulimit -c 0
