@@ -152,3 +152,25 @@ def netlab() -> Iterator:
         yield lab
     finally:
         lab.close()
+
+
+#: a recording stand-in for the seed's HTTP service: files, and POSTs logged as JSON lines
+RECORDER = r"""
+import http.server, json, sys, time
+root, port, log = sys.argv[1], int(sys.argv[2]), open(sys.argv[3], "a", buffering=1)
+class Handler(http.server.SimpleHTTPRequestHandler):
+    def __init__(self, *a, **k):
+        super().__init__(*a, directory=root, **k)
+    def log_message(self, fmt, *args):
+        log.write(json.dumps({"t": time.time(), "line": fmt % args}) + "\n")
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        log.write(json.dumps({"t": time.time(), "path": self.path, "body": body.decode(),
+                              "auth": self.headers.get("Authorization"),
+                              "type": self.headers.get("Content-Type")}) + "\n")
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b'{"ok": true}')
+http.server.ThreadingHTTPServer(("0.0.0.0", port), Handler).serve_forever()
+"""

@@ -244,3 +244,29 @@ def lab_status(obj, as_json: bool) -> int:
         title=f"lab {state.id}",
     )
     return 0
+
+
+@lab.command("console")
+@click.argument("machine")
+@click.option("--lines", "-n", type=int, default=60, show_default=True, help="Last N lines.")
+@click.pass_obj
+def lab_console(obj, machine: str, lines: int) -> int:
+    """Print the end of MACHINE's console (QEMU serial port, or the container's console)."""
+    from ..errors import NotFoundError
+    from ..lab.machines import console_log
+    from ..lab.rack import Rack
+
+    rack = Rack(obj.config())
+    state = rack.store.load()
+    found = state.machine(machine) if state else None
+    if found is None:
+        raise NotFoundError(f"no lab machine {machine!r}")
+    path = console_log(rack.dir, found)
+    if path is None:
+        raise UsageError(f"{found.name} is a {found.kind} machine: it has no console")
+    if not path.exists():
+        click.echo(f"({found.name} has not been powered on yet)")
+        return 0
+    text = path.read_text(errors="replace").splitlines()
+    click.echo("\n".join(text[-lines:]))
+    return 0

@@ -49,6 +49,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import machinesfile
+
 log = logging.getLogger(__name__)
 
 CPU_MODELS = (
@@ -149,20 +151,11 @@ class Machines:
 
 
 def write_machines(path: Path, state_dir: Path, specs: Sequence[FakeSpec]) -> Path:
-    doc = {"state_dir": str(state_dir), "machines": [s.to_json() for s in specs]}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return machinesfile.write(path, state_dir, specs)
 
 
 def read_machines(path: Path) -> Machines:
-    try:
-        doc = json.loads(path.read_text())
-        specs = tuple(FakeSpec.from_json(m) for m in doc["machines"])
-        return Machines(Path(doc["state_dir"]), specs)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise FakeError(f"{path}: not a machines file ({exc})") from None
+    return Machines(*machinesfile.read(path, FakeSpec.from_json, FakeError))
 
 
 @contextlib.contextmanager

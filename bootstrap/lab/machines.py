@@ -261,3 +261,14 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def console_log(lab_dir: Path, machine: Machine) -> Path | None:
+    """Where a machine's console goes: the VM's serial port, the container's console."""
+    if machine.kind == "qemu":
+        from .qemu import VmPaths
+
+        return VmPaths(_vm_dir(lab_dir), machine.name).serial
+    if machine.kind == "netns":
+        return lab_dir / "machines" / machine.name / "console.log"
+    return None  # fakes have no console: their steps are in the fake rack's log

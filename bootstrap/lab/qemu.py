@@ -41,6 +41,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import machinesfile
+
 log = logging.getLogger(__name__)
 
 QEMU = "qemu-system-x86_64"
@@ -325,19 +327,11 @@ class Machines:
 
 def write_machines(path: Path, state_dir: Path, specs: Sequence[VmSpec]) -> Path:
     """Write a machines file: where the VMs keep their state, and each VM's spec."""
-    doc = {"state_dir": str(state_dir), "machines": [s.to_json() for s in specs]}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return machinesfile.write(path, state_dir, specs)
 
 
 def read_machines(path: Path) -> Machines:
-    try:
-        doc = json.loads(path.read_text())
-        return Machines(Path(doc["state_dir"]), tuple(VmSpec.from_json(m) for m in doc["machines"]))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise QemuError(f"{path}: not a machines file ({exc})") from None
+    return Machines(*machinesfile.read(path, VmSpec.from_json, QemuError))
 
 
 def lab_mac(guid: str) -> str:

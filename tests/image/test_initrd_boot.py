@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import stop_process
+from tests.conftest import RECORDER, stop_process
 
 pytestmark = [
     pytest.mark.image,
@@ -34,25 +34,6 @@ PORT = 8080
 MAC = "52:54:00:4d:53:02"
 TOKEN = "tok-" + "5ecret" * 4
 BOOT_TIMEOUT = 420  # TCG: download, sha256 and a full systemd boot, on a busy box
-
-RECORDER = r"""
-import http.server, json, sys, time
-root, port, log = sys.argv[1], int(sys.argv[2]), open(sys.argv[3], "a", buffering=1)
-class Handler(http.server.SimpleHTTPRequestHandler):
-    def __init__(self, *a, **k):
-        super().__init__(*a, directory=root, **k)
-    def log_message(self, fmt, *args):
-        log.write(json.dumps({"t": time.time(), "line": fmt % args}) + "\n")
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        log.write(json.dumps({"t": time.time(), "path": self.path, "body": body.decode(),
-                              "auth": self.headers.get("Authorization")}) + "\n")
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.end_headers()
-        self.wfile.write(b'{"ok": true}')
-http.server.ThreadingHTTPServer(("0.0.0.0", port), Handler).serve_forever()
-"""
 
 
 def _report(capsys, text: str) -> None:

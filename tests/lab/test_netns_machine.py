@@ -21,30 +21,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import cli
+from tests.lab.conftest import lab_namespaces, processes_mentioning
 
 pytestmark = [pytest.mark.root, pytest.mark.netns, pytest.mark.image]
 
 ENLIST_TIMEOUT = 300
-
-
-def _lab_namespaces(lab_id: str) -> list[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    return [line.split()[0] for line in out.splitlines() if line.startswith(f"msl{lab_id}-")]
-
-
-def _processes_mentioning(text: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
-            state = (entry / "stat").read_text().rpartition(")")[2].split()[0]
-        except OSError:
-            continue
-        if text.encode() in cmdline and state not in ("Z", "X"):
-            pids.append(int(entry.name))
-    return pids
 
 
 def _loops_under(path: Path) -> list[str]:
@@ -76,10 +57,10 @@ def _wait_enlisted(state: Path, names: set[str], timeout: float = ENLIST_TIMEOUT
 
 def _assert_nothing_left(state: Path, lab_id: str) -> None:
     lab_dir = state / "lab"
-    assert _lab_namespaces(lab_id) == []
+    assert lab_namespaces(lab_id) == []
     assert _loops_under(lab_dir) == []
     assert _mounts_under(lab_dir) == []
-    assert _processes_mentioning(str(lab_dir)) == []
+    assert processes_mentioning(str(lab_dir)) == []
 
 
 @pytest.fixture

@@ -21,30 +21,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, cli
+from tests.lab.conftest import lab_namespaces, processes_mentioning
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
 TIMEOUT = 150
-
-
-def _lab_namespaces(lab_id: str) -> list[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    return [line.split()[0] for line in out.splitlines() if line.startswith(f"msl{lab_id}-")]
-
-
-def _processes_mentioning(text: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
-            state = (entry / "stat").read_text().rpartition(")")[2].split()[0]
-        except OSError:
-            continue
-        if text.encode() in cmdline and state not in ("Z", "X"):
-            pids.append(int(entry.name))
-    return pids
 
 
 def _status(state: Path) -> dict:
@@ -90,7 +71,9 @@ def test_a_lab_rack_is_found_booted_grown_and_torn_down(lab_state, kernel_cache)
     lab_id = status["lab"]
     [row] = status["machines"]
     assert row["power"] == "on" and row["state"] == "booting" and row["ip"].startswith("10.231.")
-    assert len(_lab_namespaces(lab_id)) == 3
+    console = cli("lab", "console", "qemu1", state_dir=lab_state).stdout
+    assert "iPXE" in console and "callback accepted" in console, console
+    assert len(lab_namespaces(lab_id)) == 3
 
     # rack another machine into the running lab: powered off, then found by the seed
     cli("lab", "up", "--machines", "qemu=1", "--image", "callback", state_dir=lab_state)
@@ -102,9 +85,9 @@ def test_a_lab_rack_is_found_booted_grown_and_torn_down(lab_state, kernel_cache)
 
     down = cli("lab", "down", state_dir=lab_state, timeout=120)
     assert "down" in down.stderr
-    assert _lab_namespaces(lab_id) == []
-    assert _processes_mentioning(str(lab_state / "lab")) == []
-    assert _processes_mentioning("metalseed-qemu") == []
+    assert lab_namespaces(lab_id) == []
+    assert processes_mentioning(str(lab_state / "lab")) == []
+    assert processes_mentioning("metalseed-qemu") == []
     assert "no lab is up" in cli("lab", "status", state_dir=lab_state).stdout
 
 
@@ -125,12 +108,12 @@ def test_lab_down_after_a_killed_lab_up_leaves_nothing(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
     lab = json.loads(record.read_text())
-    assert _lab_namespaces(lab["id"]), "the lab had made namespaces when it was killed"
-    assert _processes_mentioning(str(state / "lab")), "its BMC simulator was running"
+    assert lab_namespaces(lab["id"]), "the lab had made namespaces when it was killed"
+    assert processes_mentioning(str(state / "lab")), "its BMC simulator was running"
 
     cli("lab", "down", state_dir=state, timeout=120)
-    assert _lab_namespaces(lab["id"]) == []
-    assert _processes_mentioning(str(state / "lab")) == []
+    assert lab_namespaces(lab["id"]) == []
+    assert processes_mentioning(str(state / "lab")) == []
     assert not record.exists()
     cli("lab", "down", state_dir=state)  # again: nothing to do, no error
 
@@ -168,5 +151,5 @@ def test_fifty_fake_machines_are_found_booted_and_enlisted(tmp_path, kernel_cach
         lab_id = status["lab"]
     finally:
         cli("lab", "down", state_dir=state, timeout=120, check=False)
-    assert _lab_namespaces(lab_id) == []
-    assert _processes_mentioning(str(state / "lab")) == []
+    assert lab_namespaces(lab_id) == []
+    assert processes_mentioning(str(state / "lab")) == []
