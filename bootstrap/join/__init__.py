@@ -1,0 +1,1 @@
+"""The join stage: enlisted machines become a Ceph cluster (issue 6; placement first)."""
