@@ -174,3 +174,19 @@ class Handler(http.server.SimpleHTTPRequestHandler):
         self.wfile.write(b'{"ok": true}')
 http.server.ThreadingHTTPServer(("0.0.0.0", port), Handler).serve_forever()
 """
+
+
+def start_serve(
+    ns, state: Path, args: list[str], log: Path, *, env: dict | None = None, timeout: float = 60
+) -> subprocess.Popen:
+    """``metalseed serve ARGS`` in namespace ``ns``, returned once it wrote serve.json."""
+    argv = [sys.executable, "-m", "bootstrap", "--state-dir", str(state), "serve", *args]
+    with log.open("w") as fh:
+        proc = ns.popen(argv, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + timeout
+    while not (state / "serve.json").exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_process(proc)
+            raise AssertionError(f"metalseed serve did not start:\n{log.read_text()}")
+        time.sleep(0.1)
+    return proc

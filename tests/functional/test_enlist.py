@@ -18,7 +18,6 @@ import json
 import shutil
 import sqlite3
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -32,7 +31,7 @@ from bootstrap.models import BmcAddress
 from bootstrap.secretbox import SecretBox
 from bootstrap.states import NodeState
 from bootstrap.store.sqlite import SqliteStore
-from tests.conftest import REPO, cli, stop_process
+from tests.conftest import REPO, cli, start_serve, stop_process
 
 pytestmark = [
     pytest.mark.root,
@@ -91,15 +90,8 @@ class Site:
         return SqliteStore(self.state / "state.db", SecretBox(self.state / "secret.key"))
 
     def start(self) -> None:
-        argv = [sys.executable, "-m", "bootstrap", "--state-dir", str(self.state), "serve"]
-        argv += ["--interface", "prov0", "--mode", "proxy", "--http-port", str(PORT), "--no-ra"]
-        with self.log.open("w") as fh:
-            self.serve = self.seed.popen(argv, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while not (self.state / "serve.json").exists():
-            if self.serve.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"metalseed serve did not start:\n{self.log.read_text()}")
-            time.sleep(0.1)
+        args = ["--interface", "prov0", "--mode", "proxy", "--http-port", str(PORT), "--no-ra"]
+        self.serve = start_serve(self.seed, self.state, args, self.log)
 
     def stop(self) -> None:
         if self.serve is not None:

@@ -36,7 +36,7 @@ from bootstrap.lab.fakemachine import (
     write_machines,
 )
 from bootstrap.lab.netns import Netns
-from tests.conftest import REPO, cli, stop_process
+from tests.conftest import REPO, cli, start_serve, stop_process
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
@@ -83,18 +83,9 @@ class Site:
         )
 
     def start(self) -> None:
-        argv = [sys.executable, "-m", "bootstrap", "--state-dir", str(self.state), "serve"]
-        argv += ["--interface", "prov0", "--mode", "full", "--pool", "-".join(POOL), "--no-ra"]
+        args = ["--interface", "prov0", "--mode", "full", "--pool", "-".join(POOL), "--no-ra"]
         env = {**os.environ, "METALSEED_BOOT_PROBE_SECONDS": "0.3"}
-        with self.log.open("w") as fh:
-            self.serve = self.seed.popen(
-                argv, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, env=env
-            )
-        deadline = time.monotonic() + 60
-        while not (self.state / "serve.json").exists():
-            if self.serve.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"metalseed serve did not start:\n{self.log.read_text()}")
-            time.sleep(0.1)
+        self.serve = start_serve(self.seed, self.state, args, self.log, env=env)
 
     def stop(self) -> None:
         if self.serve is not None:
