@@ -58,6 +58,9 @@ class LabState:
     loops: list[str] = dataclasses.field(default_factory=list)  # /dev/loopN
     mounts: list[str] = dataclasses.field(default_factory=list)
     bmc_batches: int = 0
+    #: the seed's store was made by this lab (none existed): ``lab down`` removes it, so
+    #: the next lab's machines do not meet a cluster whose disks are gone
+    owns_store: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

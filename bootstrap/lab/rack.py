@@ -25,6 +25,7 @@ import json
 import logging
 import secrets
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -182,6 +183,7 @@ class Rack:
                     created=time.time(),
                     prov_net=PROV_NET,
                     bmc_net=BMC_NET,
+                    owns_store=not self.config.db_path.exists(),
                 )
                 self.store.save(state)
                 progress(f"lab {state.id}: building the provisioning and BMC segments")
@@ -311,6 +313,12 @@ class Rack:
                     if proc.returncode != 0:
                         raise LabError(f"could not remove namespace {name}: {proc.stderr}")
                     done["namespaces"] += 1
+            # the machines' disks and downloaded boot files go with the lab
+            shutil.rmtree(self.dir / "machines", ignore_errors=True)
+            if state.owns_store:
+                for path in self.config.state_dir.glob(self.config.db_path.name + "*"):
+                    path.unlink(missing_ok=True)
+                shutil.rmtree(self.config.state_dir / "join", ignore_errors=True)
             self.store.remove()
             progress(
                 f"lab {state.id} down: {done['processes']} processes, {done['machines']} "

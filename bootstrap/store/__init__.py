@@ -17,6 +17,7 @@ from ..models import (
     Lease,
     Node,
     NodeInventory,
+    Secret,
     TokenRecord,
 )
 from ..states import NodeState
@@ -121,6 +122,19 @@ class StateStore(Protocol):
     def use_token(self, hash: str, *, by: str | None = None) -> TokenRecord | None:
         """Mark a live token used (by boot id ``by``), atomically; None if unknown, expired
         or already used."""
+
+    # -- the Ceph cluster: identity and keys ---------------------------------------
+
+    def cluster_settings(self) -> dict[str, str]:
+        """The cluster's public settings (fsid, public_network, bootstrapped, ...)."""
+
+    def cluster_secret(self, name: str) -> Secret | None:
+        """A cluster key (decrypted), or None if there is no such key."""
+
+    def init_cluster(self, settings: Mapping[str, str], secrets: Mapping[str, Secret]) -> bool:
+        """Create the cluster's identity unless one exists; True if this call made it."""
+
+    def set_cluster_setting(self, key: str, value: str) -> None: ...
 
     # -- enlist: inventories ----------------------------------------------------
 

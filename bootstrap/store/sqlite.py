@@ -24,6 +24,7 @@ from ..models import BmcAddress, Credential, Event, Node
 from ..secretbox import SecretBox
 from ..states import NodeState, check_transition
 from .sqlite_boot import BOOT_COLUMNS, BOOT_SCHEMA, BootTablesMixin
+from .sqlite_cluster import CLUSTER_SCHEMA, ClusterTablesMixin
 from .sqlite_enlist import ENLIST_SCHEMA, EnlistTablesMixin
 
 SCHEMA_VERSION = 1
@@ -71,7 +72,7 @@ def node_id_for(guid: str | None, bmc: BmcAddress | None, mac: str | None = None
     return "node-" + hashlib.sha256(key).hexdigest()[:8]
 
 
-class SqliteStore(BootTablesMixin, EnlistTablesMixin):
+class SqliteStore(BootTablesMixin, EnlistTablesMixin, ClusterTablesMixin):
     def __init__(self, path: Path, secrets: SecretBox, clock: Callable[[], float] = time.time):
         self._path = path
         self._secrets = secrets
@@ -92,7 +93,7 @@ class SqliteStore(BootTablesMixin, EnlistTablesMixin):
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
                 conn.execute("PRAGMA foreign_keys=ON")
-                conn.executescript(SCHEMA + BOOT_SCHEMA + ENLIST_SCHEMA)
+                conn.executescript(SCHEMA + BOOT_SCHEMA + ENLIST_SCHEMA + CLUSTER_SCHEMA)
                 for table, column, declaration in BOOT_COLUMNS:  # older state dirs
                     have = {r["name"] for r in conn.execute(f"PRAGMA table_info({table})")}
                     if column not in have:
