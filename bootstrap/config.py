@@ -129,6 +129,28 @@ class RunConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class JoinConfig:
+    """The join stage: enlisted machines into the Ceph cluster (``roles/``)."""
+
+    #: join every enlisted machine with no command (false: an operator runs
+    #: `metalseed cluster join` to approve each)
+    auto: bool = True
+    #: seconds with no new enlist before an automatic join starts, so machines powered
+    #: on together join in one run
+    settle: float = 3.0
+    #: the network Ceph's daemons use; empty: the provisioning network
+    public_network: str = ""
+    #: node ids (or hostnames) that carry the monitors; empty: the first three to enlist
+    mon_labels: tuple[str, ...] = ()
+    #: CRUSH racks, "node=rack" each; a node not listed takes its LLDP switch's name
+    racks: tuple[str, ...] = ()
+    #: extra [global] options for ceph.conf, "key=value" each
+    ceph_options: tuple[str, ...] = ()
+    #: seconds one join run may take before it is stopped and its nodes fail
+    timeout: float = 900.0
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     state_dir: Path = Path("/var/lib/metalseed")
     log_level: str = "info"
@@ -136,6 +158,7 @@ class Config:
     discovery: DiscoveryConfig = DiscoveryConfig()
     boot: BootConfig = BootConfig()
     run: RunConfig = RunConfig()
+    join: JoinConfig = JoinConfig()
 
     @property
     def db_path(self) -> Path:
@@ -155,6 +178,7 @@ _SECTIONS: dict[str, type] = {
     "discovery": DiscoveryConfig,
     "boot": BootConfig,
     "run": RunConfig,
+    "join": JoinConfig,
 }
 
 
@@ -326,6 +350,11 @@ def _validate(config: Config) -> None:
     for name in ("tick", "boot_timeout"):
         if getattr(config.run, name) <= 0:
             raise ConfigError(f"run.{name} must be positive")
+    if config.join.timeout <= 0 or config.join.settle < 0:
+        raise ConfigError("join.timeout must be positive and join.settle not negative")
+    for item in (*config.join.racks, *config.join.ceph_options):
+        if "=" not in item:
+            raise ConfigError(f"join.racks / join.ceph_options: {item!r} is not key=value")
     for name in ("token_ttl", "discovery_token_ttl"):
         if getattr(config.boot, name) < 1:
             raise ConfigError(f"boot.{name} must be at least 1 second")

@@ -395,6 +395,7 @@ def boot_device(
 
 # The command groups in the other modules register themselves on `cli`.
 from . import boot as _boot  # noqa: E402,F401
+from . import cluster as _cluster  # noqa: E402,F401
 from . import lab as _lab  # noqa: E402,F401
 from . import run as _run  # noqa: E402,F401
 

@@ -138,17 +138,17 @@ class Admin:
             "mon_host": ident.mon_host(),
             "fsid": ident.fsid,
             "key": secret(store, "admin_key").reveal(),
-            "client_mount_timeout": str(timeout),
-            "rados_mon_op_timeout": str(timeout),
-            "rados_osd_op_timeout": str(timeout),
+            "client_mount_timeout": str(int(timeout)),  # whole seconds: "10.0" is refused
+            "rados_mon_op_timeout": str(int(timeout)),
+            "rados_osd_op_timeout": str(int(timeout)),
             "admin_socket": "",
             "log_file": "",
             "log_to_stderr": "false",
             "err_to_stderr": "false",
         }
         self.identity = ident
-        self._cluster = rados.Rados(rados_id="admin", conf=conf)
         try:
+            self._cluster = rados.Rados(rados_id="admin", conf=conf)
             self._cluster.connect(timeout=int(timeout))
         except rados.Error as exc:
             raise ClusterError(

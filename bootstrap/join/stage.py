@@ -23,6 +23,7 @@ active node) only does what is missing.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -426,3 +427,36 @@ def _message(res: Mapping[str, Any]) -> str:
             break
     text = "; ".join(p for p in parts if p)
     return text[:300] or "failed"
+
+
+def settings_from(config: Any, network: str = "", seed_address: str = "") -> JoinSettings:
+    """JoinSettings from the Config, and the provisioning network the seed serves.
+
+    ``network``/``seed_address`` come from the running boot services; a CLI next to
+    a running seed finds them in ``STATE/serve.json``.
+    """
+    if not network or not seed_address:
+        info = config.state_dir / "serve.json"
+        try:
+            served = json.loads(info.read_text())
+            network = network or served.get("network", "")
+            seed_address = seed_address or served.get("address", "")
+        except (OSError, ValueError):
+            pass
+    join = config.join
+    public = join.public_network or network
+    if not public:
+        raise JoinError(
+            "the Ceph public network is unknown: set join.public_network, or run the "
+            "join next to a running seed (metalseed run)"
+        )
+    time_servers = tuple(config.boot.time_servers) or ((seed_address,) if seed_address else ())
+    return JoinSettings(
+        state_dir=config.state_dir,
+        public_network=public,
+        time_servers=time_servers,
+        mon_labels=tuple(join.mon_labels),
+        racks=ceph.settings_for(join.racks),
+        ceph_options=ceph.settings_for(join.ceph_options),
+        timeout=join.timeout,
+    )
