@@ -50,12 +50,27 @@ def make_orchestrator(config: Config) -> Orchestrator:
     return Orchestrator(config, store, driver, sweep=sweep)
 
 
+def make_joiner(config: Config, store, info: ServeInfo) -> Callable[[list[str]], object]:
+    """The join stage, on the network the boot services serve."""
+    from ..join.stage import JoinStage, settings_from
+
+    def progress(host: str, what: str, task: str) -> None:
+        if not host:
+            log.info("join: %s", task)
+        elif what in ("failed", "unreachable"):
+            log.warning("join: %s %s: %s", host, what, task)
+
+    stage = JoinStage(store, settings_from(config, info.network, info.address), progress=progress)
+    return stage.run
+
+
 def run(config: Config, *, on_ready: Callable[[ServeInfo], None] | None = None) -> None:
     """Serve and orchestrate until SIGTERM/SIGINT."""
     orchestrator = make_orchestrator(config)
     started: list = []
 
     def ready(info: ServeInfo) -> None:
+        orchestrator.joiner = make_joiner(config, orchestrator.store, info)
         started.append(start_thread(orchestrator))
         if on_ready is not None:
             on_ready(info)

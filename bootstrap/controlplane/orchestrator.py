@@ -26,7 +26,7 @@ import enum
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from ..actions import bmc_target
 from ..config import Config
@@ -105,6 +105,35 @@ def plan(nodes: Iterable[Node], now: float, policy: Policy) -> list[Decision]:
     return out
 
 
+def join_targets(
+    nodes: Iterable[Node], boots: Mapping[str, str], now: float, *, auto: bool, settle: float
+) -> list[str]:
+    """The nodes a join should take now. Pure.
+
+    * With ``auto``: every enlisted node, once ``settle`` seconds passed since the
+      newest one enlisted (machines powered on together join in one run).
+    * Always: an active monitor host that booted again since it joined
+      (``boots``: node -> its latest boot id). A netbooted node is stateless, so
+      its monitor's store went with the reboot and the roles rebuild it from the
+      quorum; its OSDs come back by themselves (their disks carry them).
+    """
+    nodes = list(nodes)
+    targets: list[str] = []
+    enlisted = [n for n in nodes if n.state is S.ENLISTED]
+    if auto and enlisted and now - max(n.state_since for n in enlisted) >= settle:
+        targets += [n.id for n in sorted(enlisted, key=lambda n: (n.state_since, n.id))]
+    for node in nodes:
+        joined_boot = node.facts.get("joined_boot")
+        if (
+            node.state is S.ACTIVE
+            and node.facts.get("ceph_mon")
+            and joined_boot
+            and boots.get(node.id, joined_boot) != joined_boot
+        ):
+            targets.append(node.id)
+    return targets
+
+
 class Orchestrator:
     """Carries every node along its state machine. Blocking; run it on its own thread."""
 
@@ -125,6 +154,9 @@ class Orchestrator:
         self._clock = clock
         self._next_sweep = 0.0
         self._swept_once = False
+        #: runs a join of the given nodes (``JoinStage.run``); None: no join stage
+        self.joiner: Callable[[list[str]], object] | None = None
+        self._join_thread: threading.Thread | None = None
 
     # -- one pass ------------------------------------------------------------------
 
@@ -159,7 +191,37 @@ class Orchestrator:
                         outcome.item.node_id, "orchestrator", f"netboot: {outcome.error}"
                     )
                     log.warning("%s", outcome.error)
+        self._maybe_join()
         return decisions
+
+    def _maybe_join(self) -> None:
+        if self.joiner is None or (self._join_thread and self._join_thread.is_alive()):
+            return
+        nodes = self.store.list_nodes([S.ENLISTED, S.ACTIVE])
+        boots = {}
+        for node in nodes:
+            if node.state is S.ACTIVE and node.facts.get("ceph_mon"):
+                inv = self.store.get_inventory(node.id)
+                if inv is not None:
+                    boots[node.id] = inv.boot_id
+        join = self.config.join
+        targets = join_targets(nodes, boots, self._clock(), auto=join.auto, settle=join.settle)
+        if not targets:
+            return
+        joiner = self.joiner
+
+        def work() -> None:
+            try:
+                joiner(targets)
+            except Exception as exc:  # a join must never take the orchestrator down
+                log.error("join of %s failed to run: %s", ", ".join(targets), exc)
+
+        log.info("joining %s", ", ".join(targets))
+        self._join_thread = threading.Thread(target=work, name="join", daemon=True)
+        self._join_thread.start()
+
+    def join_running(self) -> bool:
+        return bool(self._join_thread and self._join_thread.is_alive())
 
     def _sweep_due(self, now: float) -> bool:
         return not self._swept_once or now >= self._next_sweep

@@ -252,6 +252,10 @@ class JoinStage:
         self, result: JoinResult, mons: Sequence[ceph.Mon], members: Sequence[Member]
     ) -> None:
         devices = {m.node: list(m.devices) for m in members}
+        boot_ids = {}
+        for node_id in result.hosts:
+            inv = self._store.get_inventory(node_id)
+            boot_ids[node_id] = inv.boot_id if inv is not None else ""
         joined = {h.node for h in result.hosts.values() if not h.failed}
         mon_names = {m.name for m in mons}
         ident = ceph.identity(self._store)
@@ -273,6 +277,7 @@ class JoinStage:
                     "ceph_osds": sorted(set(host.osds)),
                     "ceph_mon": host.node in mon_names,
                     "joined_at": time.time(),
+                    "joined_boot": boot_ids.get(host.node, ""),
                 },
             )
             roles = _roles_of(host.node, mons, members)

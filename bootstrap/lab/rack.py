@@ -79,6 +79,17 @@ def parse_disks(spec: str) -> list[int]:
     return out
 
 
+#: ceph.conf options for lab machines, which share one host's memory and disk
+LAB_CEPH_OPTIONS = (
+    "bluestore_cache_autotune=false",
+    "bluestore_cache_size=64M",
+    "osd_memory_target=896M",
+    "mon_data_avail_warn=2",  # the host's disk may be nearly full
+    "mgr_initial_modules=iostat",
+    "mon_osd_min_down_reporters=1",  # one host down is seen at once
+)
+
+
 def seed_toml(state: LabState, config: Config, lab_dir: Path) -> str:
     """The seed daemon's config for this lab (pure)."""
     return "\n".join(
@@ -104,6 +115,10 @@ def seed_toml(state: LabState, config: Config, lab_dir: Path) -> str:
             "sweep_interval = 5.0",
             "tick = 1.0",
             "boot_timeout = 600.0",
+            "",
+            "[join]",
+            "# many machines share one small host: Ceph's memory kept to its minimums",
+            f"ceph_options = {json.dumps(list(LAB_CEPH_OPTIONS))}",
             "",
         ]
     )
