@@ -10,7 +10,12 @@ root directory (``/`` on a node, a temporary directory in tests):
 3. ``nft add element inet metalseed provisioning { CIDR }``: SSH and the agent
    are allowed in from the provisioning network (the image's ruleset has the set);
 4. the hostname: ``hostnamectl set-hostname``, else ``/proc/sys/kernel/hostname``;
-5. ``/run/metalseed/enlist.json``: the answer, written last, once all went well.
+5. for a node that is already a cluster member (``ceph_conf`` in the answer): the
+   cluster's ``/etc/ceph/ceph.conf``, then every disk of the inventory that carries
+   a bluestore label is handed to ``osd-device.sh --activate-only`` (the same
+   script the ``ceph_osd`` role uses), which starts the OSD of this cluster on it.
+   A stateless node's OSDs come back after a reboot this way, with no join;
+6. ``/run/metalseed/enlist.json``: the answer, written last, once all went well.
 
 Commands (``chronyc``, ``nft``, ``hostnamectl``) run only when ``run_commands``
 is set and the command exists; a failed ``chronyc`` or ``hostnamectl`` is a
@@ -38,6 +43,11 @@ log = logging.getLogger(__name__)
 AUTHORIZED_KEYS = Path("root/.ssh/authorized_keys")
 CHRONY_SOURCES = Path("run/metalseed/chrony/metalseed.sources")
 ENLIST_JSON = Path("run/metalseed/enlist.json")
+CEPH_CONF = Path("etc/ceph/ceph.conf")
+#: the ceph_osd role's script, copied into the image next to the agent
+OSD_SCRIPT = Path("usr/lib/metalseed/osd-device.sh")
+CEPH_CONF_MAX = 16 * 1024
+BLUESTORE = "ceph_bluestore"  # the inventory's signature of a disk with a bluestore label
 KERNEL_HOSTNAME = Path("proc/sys/kernel/hostname")
 COMMAND_TIMEOUT = 30.0
 
@@ -66,6 +76,7 @@ class Answer:
     time_servers: tuple[str, ...]
     provisioning_cidr: str | None
     hostname: str
+    ceph_conf: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -75,6 +86,7 @@ class Answer:
             "time_servers": list(self.time_servers),
             "provisioning_cidr": self.provisioning_cidr,
             "hostname": self.hostname,
+            **({"ceph_conf": self.ceph_conf} if self.ceph_conf is not None else {}),
         }
 
 
@@ -105,6 +117,11 @@ def check_answer(data: dict[str, Any]) -> Answer:
             cidr = str(ipaddress.ip_network(cidr, strict=False))
         except (TypeError, ValueError):
             raise AnswerError("provisioning_cidr is not a network") from None
+    ceph_conf = data.get("ceph_conf")
+    if ceph_conf is not None and (
+        not isinstance(ceph_conf, str) or len(ceph_conf) > CEPH_CONF_MAX or "\0" in ceph_conf
+    ):
+        raise AnswerError("ceph_conf is not a configuration file's text")
     return Answer(
         node=node,
         state=state,
@@ -112,6 +129,7 @@ def check_answer(data: dict[str, Any]) -> Answer:
         time_servers=_strings(data, "time_servers", _HOST),
         provisioning_cidr=cidr,
         hostname=hostname.lower(),
+        ceph_conf=ceph_conf,
     )
 
 
@@ -154,8 +172,11 @@ class Applier:
         run_commands: bool,
         run: Runner = run_command,
         which: Callable[[str], str | None] = shutil.which,
+        disks: Sequence[dict[str, Any]] = (),
     ) -> None:
+        """``disks``: the inventory's disks (the OSDs of a member come back from them)."""
         self.root = root
+        self.disks = list(disks)
         self.run_commands = run_commands
         self._run = run
         self._which = which
@@ -216,10 +237,33 @@ class Applier:
             return
         log.info("hostname %s", answer.hostname)
 
+    def ceph_osds(self, answer: Answer) -> None:
+        if answer.ceph_conf is None:
+            return
+        write_file(self.root / CEPH_CONF, answer.ceph_conf)
+        labelled = [d["name"] for d in self.disks if d.get("signature") == BLUESTORE]
+        script = self.root / OSD_SCRIPT
+        if not labelled:
+            log.info("ceph.conf written; no disk carries an OSD")
+            return
+        if not script.is_file():
+            log.warning("%s is missing: the OSDs on %s are not started", script, labelled)
+            return
+        for name in labelled:
+            result = self._command("sh", str(script), "ceph", f"/dev/{name}", "--activate-only")
+            if result is None:
+                continue
+            if result[0] != 0:
+                log.warning("OSD on /dev/%s not started (%d): %s", name, *result)
+            else:
+                log.info("/dev/%s: %s", name, result[1].splitlines()[-1] if result[1] else "ok")
+
     def apply(self, answer: Answer) -> None:
         """All of it, in order; ``ApplyError`` (after trying the rest) if a must-have failed."""
         failures: list[str] = []
-        for step in (self.authorized_keys, self.time_sources, self.firewall, self.hostname):
+        steps = (self.authorized_keys, self.time_sources, self.firewall, self.hostname,
+                 self.ceph_osds)  # fmt: skip
+        for step in steps:
             try:
                 step(answer)
             except (OSError, ApplyError) as exc:

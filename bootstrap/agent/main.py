@@ -163,7 +163,8 @@ def run(args: argparse.Namespace) -> int:
 
     run_commands = args.commands == "run" if args.commands else args.root == Path("/")
     try:
-        Applier(args.root, run_commands=run_commands).apply(answer)
+        disks = inventory.get("disks", []) if isinstance(inventory, dict) else []
+        Applier(args.root, run_commands=run_commands, disks=disks).apply(answer)
     except ApplyError as exc:
         log.error("enlisted, but the answer was not fully applied: %s", exc)
         return EX_SOFTWARE

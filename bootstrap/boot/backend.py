@@ -137,6 +137,12 @@ def starts_a_boot(state: NodeState, kind: str, data: Mapping[str, Any]) -> bool:
     )
 
 
+def _member_conf(node: Node) -> str | None:
+    """The ceph.conf of an active cluster member (recorded by its join), else None."""
+    conf = node.facts.get("ceph_conf")
+    return conf if node.state is NodeState.ACTIVE and isinstance(conf, str) and conf else None
+
+
 class StoreBackend:
     """``BootBackend`` over the state store."""
 
@@ -241,8 +247,9 @@ class StoreBackend:
                 node = self._store.get_node(record.node_id)
                 log.info("enlist of %s repeated by the same boot from %s", node.id, peer)
                 return EnlistOutcome(
-                    200, node=node.id, state=node.state, repeat=True, ssh_authorized_keys=keys
-                )
+                    200, node=node.id, state=node.state, repeat=True, ssh_authorized_keys=keys,
+                    ceph_conf=_member_conf(node),
+                )  # fmt: skip
             plan = self._plan(digest, record, request, peer)
             if isinstance(plan, EnlistOutcome):
                 return plan
@@ -253,8 +260,9 @@ class StoreBackend:
             if fresh:
                 log.info("%s enlisted from %s (%s)", node.id, peer, plan.reason)
             return EnlistOutcome(
-                200, node=node.id, state=node.state, repeat=not fresh, ssh_authorized_keys=keys
-            )
+                200, node=node.id, state=node.state, repeat=not fresh, ssh_authorized_keys=keys,
+                ceph_conf=_member_conf(node),
+            )  # fmt: skip
         return EnlistOutcome(503, "the node kept changing under the enlist; try again")
 
     def _plan(

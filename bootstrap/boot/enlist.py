@@ -354,6 +354,7 @@ class EnlistOutcome:
     state: NodeState | None = None
     repeat: bool = False
     ssh_authorized_keys: tuple[str, ...] = ()
+    ceph_conf: str | None = None  # a cluster member's ceph.conf: its agent restarts its OSDs
 
 
 def answer(
@@ -367,6 +368,7 @@ def answer(
         "time_servers": list(time_servers),
         "provisioning_cidr": provisioning_cidr,
         "hostname": outcome.node,
+        **({"ceph_conf": outcome.ceph_conf} if outcome.ceph_conf else {}),
     }
 
 

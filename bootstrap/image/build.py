@@ -57,6 +57,7 @@ BUILDER_VERSION = 1
 REPO = Path(__file__).resolve().parents[2]
 RECIPE_DIR = REPO / "images" / "node"
 AGENT_DIR = REPO / "bootstrap" / "agent"
+OSD_SCRIPT = REPO / "roles" / "ceph_osd" / "files" / "osd-device.sh"
 BUSYBOX = Path("/bin/busybox")
 CACHE_ENV = "METALSEED_IMAGE_CACHE"
 DEFAULT_CACHE = Path("/var/cache/metalseed/images")
@@ -173,6 +174,8 @@ class Inputs:
             files["bootstrap/__init__.py"] = Path(os.devnull)
         for src in sources:
             files[f"bootstrap/agent/{src.relative_to(self.agent_dir).as_posix()}"] = src
+        # the ceph_osd role's script: the agent brings a member's OSDs back with it
+        files["osd-device.sh"] = OSD_SCRIPT
         return files
 
     def hashed_files(self) -> dict[str, tuple[bool, bytes]]:

@@ -53,7 +53,11 @@ REPO = Path(__file__).resolve().parents[2]
 JOINABLE = frozenset({S.ENLISTED, S.FAILED, S.ACTIVE, S.JOINING})
 #: cluster members: the nodes the inventory lists besides the targets
 MEMBERS = frozenset({S.ACTIVE, S.JOINING})
-JOIN_FAILED = "join failed"  # the start of a failed join's reason
+JOIN_FAILED = "join failed"
+BLUESTORE = "ceph_bluestore"  # the agent's signature of a disk with a bluestore label
+CEPH_CONF_TEMPLATE = (
+    REPO / "roles" / "node_base" / "templates" / "ceph.conf.j2"
+)  # the start of a failed join's reason
 KEEP_RUNS = 10  # ansible-runner directories kept under STATE/join/ (no keys in them)
 
 
@@ -175,9 +179,15 @@ class JoinStage:
                 mons.append(ceph.Mon(name, addresses[name]))
         members = []
         for node in order:
-            kept = [str(d) for d in node.facts.get("ceph_osd_devices", [])]
+            inv = self._store.get_inventory(node.id)
+            disks = inv.inventory.to_json().get("disks", []) if inv else []
+            # disks already carrying an OSD (of this cluster, the role checks) stay OSDs:
+            # their names may differ from the last boot's
+            labelled = [f"/dev/{d['name']}" for d in disks if d.get("signature") == BLUESTORE]
             new = [f"/dev/{o.disk}" for o in placement.osds_of(node.id)]
-            members.append(Member(node.id, addresses[node.id], tuple(dict.fromkeys(kept + new))))
+            members.append(
+                Member(node.id, addresses[node.id], tuple(dict.fromkeys(labelled + new)))
+            )
         # pool sizing counts hosts that have (or will have) OSDs
         hosts = [m.node for m in members if m.devices]
         size, min_size, domain = _pool_shape(len(hosts), sum(len(m.devices) for m in members))
@@ -238,7 +248,7 @@ class JoinStage:
                 elif node_id not in stats.get("ok", {}):
                     host.failed = f"the play did not reach {node_id} (run {status})"
         result = JoinResult(target_ids, status, outcome, time.monotonic() - start, run_dir)
-        self._finish(result, mons, members)
+        self._finish(result, mons, members, inventory)
         return result
 
     def _move(self, node: Node, target: NodeState, reason: str, **data: Any) -> None:
@@ -249,8 +259,13 @@ class JoinStage:
             log.warning("%s: could not move to %s: %s", node.id, target, exc)
 
     def _finish(
-        self, result: JoinResult, mons: Sequence[ceph.Mon], members: Sequence[Member]
+        self,
+        result: JoinResult,
+        mons: Sequence[ceph.Mon],
+        members: Sequence[Member],
+        inventory: Mapping[str, Any],
     ) -> None:
+        confs = {host: render_conf(inventory, host) for host in result.hosts}
         devices = {m.node: list(m.devices) for m in members}
         boot_ids = {}
         for node_id in result.hosts:
@@ -278,6 +293,8 @@ class JoinStage:
                     "ceph_mon": host.node in mon_names,
                     "joined_at": time.time(),
                     "joined_boot": boot_ids.get(host.node, ""),
+                    # what the agent writes at the node's next boot, to start its OSDs
+                    "ceph_conf": confs.get(host.node, ""),
                 },
             )
             roles = _roles_of(host.node, mons, members)
@@ -335,6 +352,27 @@ class JoinStage:
             for host in outcome.values():
                 host.failed = host.failed or f"ansible-playbook failed (rc {runner.rc}): {tail}"
         return str(runner.status), run_dir, stats
+
+
+def render_conf(inventory: Mapping[str, Any], host: str) -> str:
+    """The ceph.conf the node_base role writes on ``host``, from the same template."""
+    import jinja2
+
+    env = jinja2.Environment(  # Ansible's template settings
+        undefined=jinja2.StrictUndefined, trim_blocks=True, keep_trailing_newline=True
+    )
+    template = env.from_string(CEPH_CONF_TEMPLATE.read_text())
+    top = inventory["all"]
+    variables = {
+        "ceph_cluster": "ceph",
+        "ceph_crush_rack": "",
+        "ceph_options": {},
+        **{k: v for k, v in top["vars"].items() if not str(v).startswith("{{")},
+        **top["hosts"].get(host, {}),
+        "node_base_hostname": host,
+        "ansible_managed": "written by the metalseed seed (node_base role's template)",
+    }
+    return template.render(variables)
 
 
 def _pool_shape(hosts: int, osds: int) -> tuple[int, int, str]:

@@ -139,3 +139,42 @@ def test_an_answer_without_a_network_leaves_the_firewall(tmp_path):
     commands = Commands()
     applier(tmp_path, commands).apply(check_answer({**ANSWER, "provisioning_cidr": None}))
     assert all("nft" not in argv[0] for argv in commands.ran)
+
+
+# -- a cluster member's reboot: ceph.conf, then its OSDs from their disks ----------------
+
+CONF = "[global]\nfsid = 2f0e8d6a-0000-4000-8000-000000000001\nmon_host = [v2:10.20.0.11:3300]\n"
+DISKS = [
+    {"name": "sdb", "signature": "ceph_bluestore", "empty": False},
+    {"name": "sdc", "signature": None, "empty": True},
+    {"name": "sdd", "signature": "ext4", "empty": False},
+]
+
+
+def test_a_member_gets_its_conf_and_its_labelled_disks_activated(tmp_path):
+    script = tmp_path / "usr/lib/metalseed/osd-device.sh"
+    script.parent.mkdir(parents=True)
+    script.write_text("#!/bin/sh\n")
+    commands = Commands(installed={"chronyc", "nft", "hostnamectl", "sh"})
+    Applier(tmp_path, run_commands=True, run=commands.run, which=commands.which, disks=DISKS).apply(
+        check_answer({**ANSWER, "ceph_conf": CONF})
+    )
+    assert (tmp_path / "etc/ceph/ceph.conf").read_text() == CONF
+    activations = [argv for argv in commands.ran if argv[0].endswith("/sh")]
+    # only the disk with a bluestore label; never the empty one (a join prepares those)
+    assert activations == [["/usr/sbin/sh", str(script), "ceph", "/dev/sdb", "--activate-only"]]
+
+
+def test_a_node_that_is_no_member_gets_no_ceph_conf(tmp_path):
+    commands = Commands(installed={"chronyc", "nft", "hostnamectl", "sh"})
+    Applier(tmp_path, run_commands=True, run=commands.run, which=commands.which, disks=DISKS).apply(
+        check_answer(ANSWER)
+    )
+    assert not (tmp_path / "etc/ceph").exists()
+    assert not any(argv[0].endswith("/sh") for argv in commands.ran)
+
+
+@pytest.mark.parametrize("conf", [7, "x" * 20000, "fsid = 1\0"])
+def test_an_unusable_ceph_conf_is_refused(conf):
+    with pytest.raises(AnswerError, match="ceph_conf"):
+        check_answer({**ANSWER, "ceph_conf": conf})

@@ -1,11 +1,14 @@
 #!/bin/sh
 # One data disk -> one running OSD, idempotently (metalseed ceph_osd role).
-#   osd-device.sh CLUSTER DEVICE
+#   osd-device.sh CLUSTER DEVICE [--activate-only]
 # A disk that already carries a bluestore OSD of this cluster is activated as it is
-# (a stateless node after a reboot); an empty disk is prepared first. The last line
-# printed is "osd ID".
+# (a stateless node after a reboot); an empty disk is prepared first, unless
+# --activate-only (the node agent at boot: it starts what is there, makes nothing).
+# A disk with another cluster's OSD is never touched. The last line printed is
+# "osd ID", or "skip: REASON".
+# The same file is copied into the node image (/usr/lib/metalseed/osd-device.sh).
 set -eu
-cluster=$1 dev=$2
+cluster=$1 dev=$2 mode=${3:-}
 fsid=$(ceph-conf --cluster "$cluster" --lookup fsid)
 
 osd_of() {  # the OSD id on $dev, if it is one of this cluster's
@@ -22,8 +25,12 @@ for osd in json.load(sys.stdin).values():
 id=$(osd_of)
 if [ -z "$id" ]; then
     if [ -n "$(ceph-volume raw list "$dev" --format json 2>/dev/null | tr -d '{} \n')" ]; then
-        echo "$dev holds another cluster's OSD: not touching it" >&2
-        exit 3
+        echo "skip: $dev holds another cluster's OSD"
+        exit 0
+    fi
+    if [ "$mode" = --activate-only ]; then
+        echo "skip: no OSD of this cluster on $dev"
+        exit 0
     fi
     ceph-volume --cluster "$cluster" raw prepare --bluestore --data "$dev" >&2
     echo prepared
