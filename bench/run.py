@@ -38,6 +38,7 @@ MODULES = (
     "bench.tftp_bench",
     "bench.http_bench",
     "bench.storm",
+    "bench.join",
 )
 DEFAULT_OUTPUT = REPO / "docs" / "benchmarks.md"
 

@@ -70,7 +70,7 @@ def storm(options: Options) -> Section:
 
         ensure_callback_image(state / "images", cache_dir=default_cache(), make_current=True)
         argv = [*metalseed_argv(), "--state-dir", str(state), "lab", "up"]
-        argv += ["--machines", f"fake={n}", "--image", "current"]
+        argv += ["--machines", f"fake={n}", "--image", "current", "--no-join"]
         progress(f"storm: lab up with {n} fake machines")
         started = time.monotonic()
         try:

@@ -148,6 +148,8 @@ class JoinConfig:
     ceph_options: tuple[str, ...] = ()
     #: seconds one join run may take before it is stopped and its nodes fail
     timeout: float = 900.0
+    #: the roles the join runs (empty: the ones in the metalseed tree, roles/)
+    roles_dir: Path | None = None
 
 
 @dataclasses.dataclass(frozen=True)

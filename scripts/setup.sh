@@ -24,6 +24,8 @@ APT_PACKAGES=(
   lynis                      # the hardening audit the image tests run inside the booted image
   openssh-client             # ssh/ssh-keygen: the image tests log in (key) and are refused (password)
   vagrant vagrant-libvirt    # `vagrant validate` of the lab's Vagrantfile
+  ceph-common python3-rados  # the seed's RADOS client (cluster status) and the ceph CLI in tests
+  ceph-base                  # monmaptool, ceph-authtool: checking what the seed generates
 )
 
 missing=()

@@ -13,7 +13,8 @@ root directory (``/`` on a node, a temporary directory in tests):
 5. for a node that is already a cluster member (``ceph_conf`` in the answer): the
    cluster's ``/etc/ceph/ceph.conf``, then every disk of the inventory that carries
    a bluestore label is handed to ``osd-device.sh --activate-only`` (the same
-   script the ``ceph_osd`` role uses), which starts the OSD of this cluster on it.
+   script the ``ceph_osd`` role uses) in a transient systemd unit, which starts
+   the OSD of this cluster on it.
    A stateless node's OSDs come back after a reboot this way, with no join;
 6. ``/run/metalseed/enlist.json``: the answer, written last, once all went well.
 
@@ -250,7 +251,12 @@ class Applier:
             log.warning("%s is missing: the OSDs on %s are not started", script, labelled)
             return
         for name in labelled:
-            result = self._command("sh", str(script), "ceph", f"/dev/{name}", "--activate-only")
+            # a transient unit of its own: ceph-volume mounts the OSD's tmpfs directory, which
+            # must not live in this service's private mount namespace (PrivateTmp)
+            result = self._command(
+                "systemd-run", "--wait", "--collect", "--quiet", f"--unit=metalseed-osd-{name}",
+                "sh", str(script), "ceph", f"/dev/{name}", "--activate-only",
+            )  # fmt: skip
             if result is None:
                 continue
             if result[0] != 0:

@@ -59,3 +59,38 @@ def join(obj: Ctx, nodes: tuple[str, ...], enlisted: bool) -> None:
         click.echo(f"{node.id}: {node.state}: {node.reason}")
     if not result.ok:
         raise MetalseedError(f"the join failed for {len(result.failed())} node(s)")
+
+
+@cluster.command("watch")
+@click.option("--interval", type=float, default=0.25, show_default=True,
+              help="Seconds between looks at the OSD map.")  # fmt: skip
+@click.option("--seconds", type=float, default=0.0, help="Stop after this long (0: never).")
+@click.pass_obj
+def watch(obj: Ctx, interval: float, seconds: float) -> None:
+    """Print a JSON line each time an OSD comes up/in or goes down/out (with its host)."""
+    import time
+
+    from ..join.cluster import Admin
+
+    config = obj.config()
+    store = actions.open_store(config)
+    end = time.monotonic() + seconds if seconds > 0 else float("inf")
+    last: dict[str, dict] = {}
+    with Admin(store) as admin:
+        hosts: dict[int, str] = {}
+        while time.monotonic() < end:
+            dump = admin.command("osd dump")
+            osds = {o["osd"]: o for o in dump.get("osds", [])}
+            if set(osds) - set(hosts):
+                tree = admin.command("osd tree")
+                for item in tree.get("nodes", []):
+                    if item.get("type") == "host":
+                        hosts.update({c: item["name"] for c in item.get("children", [])})
+            now = {
+                str(i): {"up": bool(o["up"]), "in": bool(o["in"]), "host": hosts.get(i)}
+                for i, o in osds.items()
+            }
+            if now != last:
+                click.echo(json.dumps({"t": time.time(), "epoch": dump.get("epoch"), "osds": now}))
+                last = now
+            time.sleep(interval)

@@ -165,6 +165,12 @@ def _parse_machines(values: tuple[str, ...], kind: str) -> dict[str, int]:
 @click.option("--memory", type=int, default=1536, show_default=True, help="MiB per QEMU VM.")
 @click.option("--no-seed", is_flag=True, help="Do not start the seed daemon in the lab.")
 @click.option(
+    "--no-join",
+    is_flag=True,
+    help="The lab's seed does not join enlisted machines into Ceph (join.auto = false); "
+    "set when the lab is made.",
+)
+@click.option(
     "--image",
     type=click.Choice(["node", "callback", "current"]),
     default="node",
@@ -174,7 +180,14 @@ def _parse_machines(values: tuple[str, ...], kind: str) -> dict[str, int]:
 )
 @click.pass_obj
 def lab_up(
-    obj, machines: tuple[str, ...], kind: str, disks: str, memory: int, no_seed: bool, image: str
+    obj,
+    machines: tuple[str, ...],
+    kind: str,
+    disks: str,
+    memory: int,
+    no_seed: bool,
+    no_join: bool,
+    image: str,
 ) -> int:
     """Build the lab (or add machines to it, powered off) and start its seed."""
     from ..lab.rack import Rack, parse_disks
@@ -203,6 +216,7 @@ def lab_up(
         disks=parse_disks(disks),
         memory=memory,
         seed=not no_seed,
+        join=not no_join,
         image=ensure_image,
         progress=lambda text: click.echo(text, err=True),
     )
@@ -270,3 +284,29 @@ def lab_console(obj, machine: str, lines: int) -> int:
     text = path.read_text(errors="replace").splitlines()
     click.echo("\n".join(text[-lines:]))
     return 0
+
+
+@lab.command(
+    "seed",
+    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED, required=True)
+@click.pass_obj
+def lab_seed(obj, args: tuple[str, ...]) -> int:
+    """Run `metalseed ARGS` as the lab's seed: in its namespace, with its config.
+
+    e.g. `metalseed lab seed cluster status`, `metalseed lab seed power off NODE`.
+    """
+    import os
+    import sys
+
+    from ..lab.rack import Rack
+
+    rack = Rack(obj.config())
+    state = rack.store.load()
+    if state is None:
+        raise UsageError("no lab is up")
+    argv = ["ip", "netns", "exec", state.ns("seed"), sys.executable, "-m", "bootstrap",
+            "--config", str(rack.dir / "seed.toml"), *args]  # fmt: skip
+    os.execvp(argv[0], argv)
+    return 0  # not reached

@@ -77,6 +77,7 @@ class JoinSettings:
     ceph_options: Mapping[str, str] = dataclasses.field(default_factory=dict)
     playbook_dir: Path = REPO / "playbooks"
     roles_dir: Path = REPO / "roles"
+    ansible_cfg: Path = REPO / "ansible.cfg"
     timeout: float = 900.0
     forks: int = 50
 
@@ -321,7 +322,7 @@ class JoinStage:
         with SecretSocket(secrets) as socket_path:
             envvars = {
                 SECRET_ENV: str(socket_path),
-                "ANSIBLE_CONFIG": str(settings.roles_dir.parent / "ansible.cfg"),
+                "ANSIBLE_CONFIG": str(settings.ansible_cfg),
                 "ANSIBLE_ROLES_PATH": str(settings.roles_dir),
                 "ANSIBLE_FORKS": str(settings.forks),
                 "ANSIBLE_NOCOLOR": "1",
@@ -502,4 +503,5 @@ def settings_from(config: Any, network: str = "", seed_address: str = "") -> Joi
         racks=ceph.settings_for(join.racks),
         ceph_options=ceph.settings_for(join.ceph_options),
         timeout=join.timeout,
+        **({"roles_dir": join.roles_dir} if join.roles_dir else {}),
     )

@@ -3,11 +3,12 @@
 Part one starts 8 simulated BMCs on loopback, then runs the operator's
 commands for real (each printed before it runs): discover with credential
 rotation, boot device, power on, the node table, and cross-checks one machine
-with ipmitool. Part two (``demo_lab``, as root) brings up the lab -- 3 netns
-machines and 1 QEMU VM, each behind a simulated BMC -- and its seed daemon
-finds, netboots and enlists them into the hardened node image with no further
-command; the node table, one inventory and the timings are printed, and the
-lab is torn down. Everything it starts is stopped by PID; its state lives in a
+with ipmitool. Part two (``demo_lab``, as root) brings up the lab -- 4 netns
+machines, each behind a simulated BMC with a 10 GiB data disk -- and its seed
+daemon finds, netboots, enlists and joins them into a HEALTH_OK Ceph cluster
+with no further command; then a 5th machine is racked and joins on its own.
+The cluster status, the capacity before and after and the timings are
+printed, and the lab is torn down. Everything it starts is stopped by PID; its state lives in a
 temporary directory that is removed at the end (``--keep`` keeps it).
 """
 

@@ -61,6 +61,8 @@ class LabState:
     #: the seed's store was made by this lab (none existed): ``lab down`` removes it, so
     #: the next lab's machines do not meet a cluster whose disks are gone
     owns_store: bool = False
+    #: the lab's seed joins enlisted machines into Ceph (``lab up --no-join``: off)
+    auto_join: bool = True
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

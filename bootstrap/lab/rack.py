@@ -117,6 +117,7 @@ def seed_toml(state: LabState, config: Config, lab_dir: Path) -> str:
             "boot_timeout = 600.0",
             "",
             "[join]",
+            f"auto = {'true' if state.auto_join else 'false'}",
             "# many machines share one small host: Ceph's memory kept to its minimums",
             f"ceph_options = {json.dumps(list(LAB_CEPH_OPTIONS))}",
             "",
@@ -182,6 +183,7 @@ class Rack:
         disks: Sequence[int] = (),
         memory: int = 1536,
         seed: bool = True,
+        join: bool = True,
         image: Callable[[], object] | None = None,
         progress: Callable[[str], None] = lambda text: None,
     ) -> tuple[LabState, list[Machine]]:
@@ -199,6 +201,7 @@ class Rack:
                     prov_net=PROV_NET,
                     bmc_net=BMC_NET,
                     owns_store=not self.config.db_path.exists(),
+                    auto_join=join,
                 )
                 self.store.save(state)
                 progress(f"lab {state.id}: building the provisioning and BMC segments")

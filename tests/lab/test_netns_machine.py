@@ -77,7 +77,17 @@ def lab_state(tmp_path):
 
 def _up(state: Path, *machines: str, extra: tuple[str, ...] = ()) -> None:
     argv = ["lab", "up", *(a for m in machines for a in ("--machines", m))]
-    cli(*argv, "--disks", "1x1G", "--image", "node", *extra, state_dir=state, timeout=900)
+    cli(
+        *argv,
+        "--disks",
+        "1x1G",
+        "--image",
+        "node",
+        "--no-join",
+        *extra,
+        state_dir=state,
+        timeout=900,
+    )
 
 
 def test_a_netns_machine_boots_the_node_image_and_enlists_its_disk_and_nic(lab_state):

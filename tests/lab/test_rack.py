@@ -64,7 +64,15 @@ def lab_state(tmp_path, qemu_available):
 @pytest.mark.qemu
 def test_a_lab_rack_is_found_booted_grown_and_torn_down(lab_state, kernel_cache):
     up = cli(
-        "lab", "up", "--machines", "qemu=1", "--image", "callback", state_dir=lab_state, timeout=180
+        "lab",
+        "up",
+        "--machines",
+        "qemu=1",
+        "--image",
+        "callback",
+        "--no-join",
+        state_dir=lab_state,
+        timeout=180,
     )
     assert "lab " in up.stdout and "1 new" in up.stdout, up.stdout + up.stderr
     status = _wait_machines(lab_state, {"qemu1"})
@@ -76,7 +84,9 @@ def test_a_lab_rack_is_found_booted_grown_and_torn_down(lab_state, kernel_cache)
     assert len(lab_namespaces(lab_id)) == 3
 
     # rack another machine into the running lab: powered off, then found by the seed
-    cli("lab", "up", "--machines", "qemu=1", "--image", "callback", state_dir=lab_state)
+    cli(
+        "lab", "up", "--machines", "qemu=1", "--image", "callback", "--no-join", state_dir=lab_state
+    )
     status = _wait_machines(lab_state, {"qemu1", "qemu2"})
     rows = {r["machine"]: r for r in status["machines"]}
     assert rows["qemu2"]["power"] == "on" and rows["qemu2"]["node"] != rows["qemu1"]["node"]
@@ -96,7 +106,7 @@ def test_lab_down_after_a_killed_lab_up_leaves_nothing(tmp_path):
         pytest.skip("needs root")
     state = tmp_path / "state"
     argv = [sys.executable, "-m", "bootstrap", "--state-dir", str(state), "lab", "up"]
-    argv += ["--machines", "qemu=2", "--image", "current"]
+    argv += ["--machines", "qemu=2", "--image", "current", "--no-join"]
     proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     record = state / "lab" / "lab.json"
     deadline = time.monotonic() + 30
@@ -131,6 +141,7 @@ def test_fifty_fake_machines_are_found_booted_and_enlisted(tmp_path, kernel_cach
             "fake=50",
             "--image",
             "callback",
+            "--no-join",  # fakes have no sshd: this test is about finding and enlisting
             state_dir=state,
             timeout=180,
         )

@@ -155,23 +155,26 @@ def test_a_member_gets_its_conf_and_its_labelled_disks_activated(tmp_path):
     script = tmp_path / "usr/lib/metalseed/osd-device.sh"
     script.parent.mkdir(parents=True)
     script.write_text("#!/bin/sh\n")
-    commands = Commands(installed={"chronyc", "nft", "hostnamectl", "sh"})
+    commands = Commands(installed={"chronyc", "nft", "hostnamectl", "systemd-run"})
     Applier(tmp_path, run_commands=True, run=commands.run, which=commands.which, disks=DISKS).apply(
         check_answer({**ANSWER, "ceph_conf": CONF})
     )
     assert (tmp_path / "etc/ceph/ceph.conf").read_text() == CONF
-    activations = [argv for argv in commands.ran if argv[0].endswith("/sh")]
-    # only the disk with a bluestore label; never the empty one (a join prepares those)
-    assert activations == [["/usr/sbin/sh", str(script), "ceph", "/dev/sdb", "--activate-only"]]
+    activations = [argv for argv in commands.ran if argv[0].endswith("/systemd-run")]
+    # only the disk with a bluestore label; never the empty one (a join prepares those);
+    # in a unit of its own (ceph-volume's tmpfs mount must outlive the agent's namespace)
+    assert len(activations) == 1
+    assert activations[0][-5:] == ["sh", str(script), "ceph", "/dev/sdb", "--activate-only"]
+    assert "--wait" in activations[0]
 
 
 def test_a_node_that_is_no_member_gets_no_ceph_conf(tmp_path):
-    commands = Commands(installed={"chronyc", "nft", "hostnamectl", "sh"})
+    commands = Commands(installed={"chronyc", "nft", "hostnamectl", "systemd-run"})
     Applier(tmp_path, run_commands=True, run=commands.run, which=commands.which, disks=DISKS).apply(
         check_answer(ANSWER)
     )
     assert not (tmp_path / "etc/ceph").exists()
-    assert not any(argv[0].endswith("/sh") for argv in commands.ran)
+    assert not any(argv[0].endswith("/systemd-run") for argv in commands.ran)
 
 
 @pytest.mark.parametrize("conf", [7, "x" * 20000, "fsid = 1\0"])

@@ -55,6 +55,7 @@ def test_a_vm_netboots_the_node_image_and_enlists_with_its_inventory(lab, capsys
         "2048",
         "--image",
         "node",
+        "--no-join",
         state_dir=lab,
         timeout=1200,
     )
