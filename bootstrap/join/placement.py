@@ -48,6 +48,15 @@ class Placement:
         return [o for o in self.osds if o.node == node]
 
 
+def pool_shape(hosts: int, osds: int) -> tuple[int, int, str]:
+    """(size, min_size, failure domain) for ``osds`` OSDs on ``hosts`` hosts."""
+    if hosts >= FULL_SIZE:
+        return FULL_SIZE, FULL_MIN_SIZE, "host"
+    if hosts >= 2:
+        return hosts, 1, "host"
+    return max(1, min(FULL_SIZE, osds)), 1, "osd"
+
+
 def empty_disks(inventory: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     """The disks an OSD may take: reported empty (unknown is not empty)."""
     return [d for d in inventory.get("disks", []) if d.get("empty") is True]
@@ -79,13 +88,8 @@ def place(
         for node, inventory in enlisted
         for d in empty_disks(inventory)
     )
-    hosts = sorted({o.node for o in osds}, key=order.index)
-    if len(hosts) >= FULL_SIZE:
-        size, min_size, domain = FULL_SIZE, FULL_MIN_SIZE, "host"
-    elif len(hosts) >= 2:
-        size, min_size, domain = len(hosts), 1, "host"
-    else:
-        size, min_size, domain = max(1, min(FULL_SIZE, len(osds))), 1, "osd"
+    hosts = {o.node for o in osds}
+    size, min_size, domain = pool_shape(len(hosts), len(osds))
     return Placement(
         mons=mons,
         mgrs=mons,

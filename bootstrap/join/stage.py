@@ -41,7 +41,7 @@ from ..states import NodeState
 from ..store import StateStore
 from . import cluster as ceph
 from .inventory import Member, build
-from .placement import MAX_MONS, Placement, place
+from .placement import MAX_MONS, Placement, place, pool_shape
 from .secretsock import ENV as SECRET_ENV
 from .secretsock import SecretSocket
 
@@ -191,7 +191,7 @@ class JoinStage:
             )
         # pool sizing counts hosts that have (or will have) OSDs
         hosts = [m.node for m in members if m.devices]
-        size, min_size, domain = _pool_shape(len(hosts), sum(len(m.devices) for m in members))
+        size, min_size, domain = pool_shape(len(hosts), sum(len(m.devices) for m in members))
         placement = dataclasses.replace(
             placement, pool_size=size, pool_min_size=min_size, failure_domain=domain
         )
@@ -374,14 +374,6 @@ def render_conf(inventory: Mapping[str, Any], host: str) -> str:
         "ansible_managed": "written by the metalseed seed (node_base role's template)",
     }
     return template.render(variables)
-
-
-def _pool_shape(hosts: int, osds: int) -> tuple[int, int, str]:
-    if hosts >= 3:
-        return 3, 2, "host"
-    if hosts == 2:
-        return 2, 1, "host"
-    return max(1, min(3, osds)), 1, "osd"
 
 
 def _roles_of(node: str, mons: Sequence[ceph.Mon], members: Sequence[Member]) -> list[str]:
