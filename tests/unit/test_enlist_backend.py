@@ -191,6 +191,20 @@ def test_a_node_in_the_cluster_that_rebooted_reports_and_keeps_its_state(backend
     assert store.get_inventory(node.id) is not None
 
 
+def test_a_member_that_rebooted_gets_its_ceph_conf_and_nobody_else_does(backend, store):
+    member, other = enrolled(store), enrolled(store, guid=str(uuid.uuid4()), host="127.0.0.8")
+    conf = "[global]\nfsid = 1\n"
+    for target in (S.BOOTING, S.ENLISTED, S.JOINING, S.ACTIVE):
+        store.transition(member.id, target, "test")
+    store.update_node(member.id, facts={"ceph_conf": conf})
+    outcome = backend.enlist(backend.mint_token(member.id, MAC).reveal(), request(), PEER)
+    assert outcome.ceph_conf == conf
+    store.update_node(other.id, facts={"ceph_conf": conf})  # not active: no member yet
+    token = backend.mint_token(other.id, OTHER_MAC).reveal()
+    outcome = backend.enlist(token, request(mac=OTHER_MAC, dmi=None, boot=OTHER_BOOT), PEER)
+    assert outcome.status == 200 and outcome.ceph_conf is None
+
+
 def test_join_tokens_are_not_discovery_tokens(backend, store):
     token = backend.mint_discovery_token(MAC).reveal()
     assert backend.check_token(token) is None  # the call-back takes join tokens only

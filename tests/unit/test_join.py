@@ -19,7 +19,7 @@ from bootstrap.join.placement import place
 from bootstrap.join.secretsock import SecretSocket
 from bootstrap.join.stage import REPO, render_conf
 from bootstrap.join.status import render, shape
-from bootstrap.models import Node, Secret
+from bootstrap.models import BmcAddress, Node, Secret
 from bootstrap.states import NodeState
 
 sys.path.insert(0, str(REPO / "playbooks" / "lookup_plugins"))
@@ -187,3 +187,29 @@ def test_status_counts_what_each_host_gives():
     assert hosts["a"]["raw_bytes"] == 10 << 30
     assert doc["pools"][0]["max_avail_bytes"] == 12 << 30
     assert "osd.3" in render(doc)
+
+
+def test_a_failed_task_names_the_task_and_host_and_hides_no_log_output(store):
+    from bootstrap.join.stage import HostOutcome, _EventHandler
+
+    n = store.create_node(guid=None, bmc=BmcAddress("127.0.0.5"), state=NodeState.BOOTING)
+    outcome = {n.id: HostOutcome(n.id)}
+    seen = []
+    handler = _EventHandler(store, outcome, lambda host, what, task: seen.append((host, what)))
+
+    def event(kind, task, res, role="ceph_osd"):
+        data = {"host": n.id, "task": task, "role": role, "res": res}
+        return handler({"event": kind, "event_data": data})
+
+    event("runner_on_ok", "Bring up an OSD", {"changed": True, "results": [
+        {"stdout_lines": ["prepared", "started", "osd 7"]}]})  # fmt: skip
+    event("runner_on_failed", "Install the keyring", {"censored": "hidden", "msg": "AQsecret"})
+    event("runner_on_failed", "Later task", {"msg": "second failure"})
+    out = outcome[n.id]
+    assert out.osds == [7] and out.changed == 1
+    assert out.failed.startswith("task 'ceph_osd: Install the keyring' on " + n.id)
+    assert "no_log" in out.failed and "AQsecret" not in out.failed
+    kinds = [e.kind for e in store.events(n.id) if e.kind.startswith("join.")]
+    assert kinds == ["join.changed", "join.failed", "join.failed"]
+    assert all("AQsecret" not in e.message for e in store.events(n.id))
+    assert (n.id, "failed") in seen
