@@ -106,7 +106,13 @@ def plan(nodes: Iterable[Node], now: float, policy: Policy) -> list[Decision]:
 
 
 def join_targets(
-    nodes: Iterable[Node], boots: Mapping[str, str], now: float, *, auto: bool, settle: float
+    nodes: Iterable[Node],
+    boots: Mapping[str, str],
+    now: float,
+    *,
+    auto: bool,
+    settle: float,
+    resume: bool = False,
 ) -> list[str]:
     """The nodes a join should take now. Pure.
 
@@ -116,9 +122,13 @@ def join_targets(
       (``boots``: node -> its latest boot id). A netbooted node is stateless, so
       its monitor's store went with the reboot and the roles rebuild it from the
       quorum; its OSDs come back by themselves (their disks carry them).
+    * With ``resume`` (the first pass of a daemon that started): nodes left
+      ``joining`` by a seed that stopped mid-join; the roles are idempotent.
     """
     nodes = list(nodes)
     targets: list[str] = []
+    if resume:
+        targets += [n.id for n in nodes if n.state is S.JOINING]
     enlisted = [n for n in nodes if n.state is S.ENLISTED]
     if auto and enlisted and now - max(n.state_since for n in enlisted) >= settle:
         targets += [n.id for n in sorted(enlisted, key=lambda n: (n.state_since, n.id))]
@@ -157,6 +167,7 @@ class Orchestrator:
         #: runs a join of the given nodes (``JoinStage.run``); None: no join stage
         self.joiner: Callable[[list[str]], object] | None = None
         self._join_thread: threading.Thread | None = None
+        self._join_resumed = False  # joins a stopped seed left half-done are taken up once
 
     # -- one pass ------------------------------------------------------------------
 
@@ -197,7 +208,7 @@ class Orchestrator:
     def _maybe_join(self) -> None:
         if self.joiner is None or (self._join_thread and self._join_thread.is_alive()):
             return
-        nodes = self.store.list_nodes([S.ENLISTED, S.ACTIVE])
+        nodes = self.store.list_nodes([S.ENLISTED, S.ACTIVE, S.JOINING])
         boots = {}
         for node in nodes:
             if node.state is S.ACTIVE and node.facts.get("ceph_mon"):
@@ -205,7 +216,11 @@ class Orchestrator:
                 if inv is not None:
                     boots[node.id] = inv.boot_id
         join = self.config.join
-        targets = join_targets(nodes, boots, self._clock(), auto=join.auto, settle=join.settle)
+        targets = join_targets(
+            nodes, boots, self._clock(), auto=join.auto, settle=join.settle,
+            resume=not self._join_resumed,
+        )  # fmt: skip
+        self._join_resumed = True
         if not targets:
             return
         joiner = self.joiner

@@ -1,7 +1,8 @@
 """`metalseed cluster status`: the cluster as Ceph reports it, and what each machine gives.
 
 Read over RADOS as ``client.admin`` (``cluster.Admin``) with ``status``,
-``df``, ``osd df tree`` and ``osd pool ls detail``; ``shape`` is pure so the
+``df`` (pool usage), ``osd df tree`` (capacity: the OSDs that are in, per host)
+and ``osd pool ls detail``; ``shape`` is pure so the
 arithmetic is tested without a cluster.
 """
 
@@ -65,6 +66,16 @@ def shape(fsid: str, raw: Mapping[str, Any], nodes: Sequence[str] | set[str]) ->
             }
         )
     size = max([p["size"] or 1 for p in pools] or [1])
+    # capacity from the OSDs that are in (``osd df``): it counts a new OSD as soon as it
+    # reports, where ``df``'s totals wait for the next PG stats round
+    members = [n for n in tree.get("nodes", []) if n.get("type") == "osd"]
+    members = [n for n in members if float(n.get("reweight", 1)) > 0]
+    if members:
+        stats = {
+            "total_bytes": sum(int(n.get("kb", 0)) for n in members) * 1024,
+            "total_used_raw_bytes": sum(int(n.get("kb_used", 0)) for n in members) * 1024,
+            "total_avail_bytes": sum(int(n.get("kb_avail", 0)) for n in members) * 1024,
+        }
     raw_bytes = int(stats.get("total_bytes", 0))
     quorum = status.get("quorum_names", [])
     return {

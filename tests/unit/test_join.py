@@ -166,8 +166,33 @@ CEPH_TREE = {
         {"id": -1, "name": "default", "type": "root", "children": [-2, -3]},
         {"id": -2, "name": "a", "type": "host", "children": [0]},
         {"id": -3, "name": "d", "type": "host", "children": [3]},
-        {"id": 0, "name": "osd.0", "type": "osd", "kb": 10 << 20, "kb_used": 1024, "status": "up"},
-        {"id": 3, "name": "osd.3", "type": "osd", "kb": 10 << 20, "kb_used": 0, "status": "down"},
+        {
+            "id": 0,
+            "name": "osd.0",
+            "type": "osd",
+            "kb": 10 << 20,
+            "kb_used": 1024,
+            "status": "up",
+            "reweight": 1.0,
+        },
+        {
+            "id": 3,
+            "name": "osd.3",
+            "type": "osd",
+            "kb": 10 << 20,
+            "kb_used": 0,
+            "status": "down",
+            "reweight": 1.0,
+        },
+        {
+            "id": 5,
+            "name": "osd.5",
+            "type": "osd",
+            "kb": 10 << 20,
+            "kb_used": 0,
+            "status": "down",
+            "reweight": 0.0,
+        },  # out: not capacity
     ]
 }
 
@@ -181,7 +206,9 @@ def test_status_counts_what_each_host_gives():
     )  # fmt: skip
     assert doc["health"] == "HEALTH_WARN" and "OSD_HOST_DOWN" in doc["checks"]
     assert (doc["mons_in_quorum"], doc["osds_up"], doc["osds_in"]) == (3, 3, 4)
-    assert doc["raw_bytes"] == 40 << 30 and doc["usable_bytes"] == (40 << 30) // 3
+    # the OSDs that are in (osd df), not df's totals, which lag behind a new OSD
+    assert doc["raw_bytes"] == 20 << 30 and doc["usable_bytes"] == (20 << 30) // 3
+    assert doc["raw_used_bytes"] == 1 << 20
     hosts = {h["host"]: h for h in doc["hosts"]}
     assert hosts["d"]["osds"] == [3] and hosts["d"]["osds_up"] == 0
     assert hosts["a"]["raw_bytes"] == 10 << 30
@@ -213,3 +240,9 @@ def test_a_failed_task_names_the_task_and_host_and_hides_no_log_output(store):
     assert kinds == ["join.changed", "join.failed", "join.failed"]
     assert all("AQsecret" not in e.message for e in store.events(n.id))
     assert (n.id, "failed") in seen
+
+
+def test_a_restarted_seed_takes_up_the_joins_it_left_half_done():
+    nodes = [node("a", NodeState.JOINING, 1.0), node("b", NodeState.ENLISTED, 99.0)]
+    assert join_targets(nodes, {}, 100.0, auto=True, settle=3.0, resume=True) == ["a"]
+    assert join_targets(nodes, {}, 100.0, auto=True, settle=3.0) == []
