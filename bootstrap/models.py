@@ -229,6 +229,7 @@ class Inventory:
     disks: tuple[DiskInfo, ...] = ()
     nics: tuple[NicInfo, ...] = ()
     lldp: tuple[LldpNeighbour, ...] = ()
+    ssh_host_keys: tuple[str, ...] = ()  # "TYPE BASE64": the join's SSH pins these
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -238,6 +239,7 @@ class Inventory:
             "disks": [{**dataclasses.asdict(d), "holders": list(d.holders)} for d in self.disks],
             "nics": [dataclasses.asdict(n) for n in self.nics],
             "lldp": [dataclasses.asdict(n) for n in self.lldp],
+            "ssh_host_keys": list(self.ssh_host_keys),
         }
 
     @classmethod
@@ -253,6 +255,7 @@ class Inventory:
             ),
             nics=tuple(NicInfo(**_known(NicInfo, n)) for n in data.get("nics", [])),
             lldp=tuple(LldpNeighbour(**_known(LldpNeighbour, n)) for n in data.get("lldp", [])),
+            ssh_host_keys=tuple(str(k) for k in data.get("ssh_host_keys", [])),
         )
 
 

@@ -54,6 +54,7 @@ class Roots:
     proc: Path = Path("/proc")
     dev: Path = Path("/dev")
     dmi: Path | None = None
+    ssh: Path = Path("/etc/ssh")  # this boot's SSH host keys (the seed pins them for the join)
 
     @property
     def dmi_dir(self) -> Path:
@@ -245,6 +246,30 @@ def read_lldp(run: Runner = run_command, which: Callable[[str], str | None] = sh
 # -- all of it -------------------------------------------------------------------------------
 
 
+HOST_KEY_TYPES = ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
+                  "ecdsa-sha2-nistp521", "ssh-rsa")  # fmt: skip
+MAX_HOST_KEYS = 4
+
+
+def read_ssh_host_keys(roots: Roots) -> list[str]:
+    """``TYPE BASE64`` of each SSH host public key (comments dropped), ed25519 first."""
+    keys: list[str] = []
+    try:
+        paths = sorted(roots.ssh.glob("ssh_host_*_key.pub"))
+    except OSError:
+        return keys
+    for path in paths:
+        try:
+            fields = path.read_text().split()
+        except OSError as exc:
+            log.warning("cannot read %s: %s", path, exc.strerror)
+            continue
+        if len(fields) >= 2 and fields[0] in HOST_KEY_TYPES:
+            keys.append(f"{fields[0]} {fields[1]}")
+    keys.sort(key=lambda k: HOST_KEY_TYPES.index(k.split()[0]))
+    return keys[:MAX_HOST_KEYS]
+
+
 def collect(
     roots: Roots,
     *,
@@ -260,4 +285,5 @@ def collect(
         "disks": read_disks(roots.sys, roots.dev, disks_only),
         "nics": read_nics(roots),
         "lldp": read_lldp(run, which),
+        "ssh_host_keys": read_ssh_host_keys(roots),
     }

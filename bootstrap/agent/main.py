@@ -114,7 +114,10 @@ def _summary(inventory: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    roots = Roots(sys=args.sys_root, proc=args.proc_root, dev=args.dev_root, dmi=args.dmi_dir)
+    roots = Roots(
+        sys=args.sys_root, proc=args.proc_root, dev=args.dev_root, dmi=args.dmi_dir,
+        ssh=args.root / "etc" / "ssh",
+    )  # fmt: skip
     only = [d.strip() for d in args.disks.split(",") if d.strip()] if args.disks else None
     if args.inventory_only:
         json.dump(collect(roots, disks_only=only), sys.stdout, indent=2)

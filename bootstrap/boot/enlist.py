@@ -209,6 +209,18 @@ def _neighbour(value: Any, where: str) -> LldpNeighbour:
     )
 
 
+_HOST_KEY = re.compile(
+    r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/]{16,4096}={0,2}$"
+)
+MAX_HOST_KEYS = 4
+
+
+def _host_key(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not _HOST_KEY.match(value):
+        raise InvalidEnlist(f"{where} is not an SSH public key (TYPE BASE64)")
+    return value
+
+
 def parse_inventory(value: Any) -> Inventory:
     data = _obj(value, "inventory")
     cpus = _obj(data.get("cpus", {}), "inventory.cpus")
@@ -223,6 +235,7 @@ def parse_inventory(value: Any) -> Inventory:
         disks=_list(data, "disks", "inventory", MAX_DISKS, _disk),
         nics=_list(data, "nics", "inventory", MAX_NICS, _nic),
         lldp=_list(data, "lldp", "inventory", MAX_LLDP, _neighbour),
+        ssh_host_keys=_list(data, "ssh_host_keys", "inventory", MAX_HOST_KEYS, _host_key),
     )
 
 

@@ -29,6 +29,12 @@ class Member:
     node: str
     address: str
     devices: tuple[str, ...] = ()  # OSD data disks, /dev paths
+    host_keys: tuple[str, ...] = ()  # "TYPE BASE64" from the node's enlist of this boot
+
+
+def known_hosts(members: Sequence[Member]) -> str:
+    """``known_hosts`` lines pinning each member's SSH host keys (address and name)."""
+    return "".join(f"{m.address},{m.node} {key}\n" for m in members for key in m.host_keys)
 
 
 def build(
@@ -38,6 +44,7 @@ def build(
     mons: Sequence[Mon],
     placement: Placement,
     ssh_key: Path,
+    known_hosts_file: Path | None = None,
     time_servers: Sequence[str] = (),
     ceph_options: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
@@ -50,6 +57,15 @@ def build(
         }
         if member.devices:
             host["ceph_osd_devices"] = list(member.devices)
+        if member.host_keys and known_hosts_file is not None:
+            # the node's host keys came with its token-checked enlist: SSH checks them
+            host["ansible_ssh_common_args"] = (
+                f"-o StrictHostKeyChecking=yes -o UserKnownHostsFile={known_hosts_file}"
+            )
+        else:  # an agent that did not report them (older image): trust on first use
+            host["ansible_ssh_common_args"] = (
+                "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null"
+            )
         hosts[member.node] = host
     all_vars: dict[str, Any] = {
         "ansible_user": "root",

@@ -40,7 +40,7 @@ from ..models import Node
 from ..states import NodeState
 from ..store import StateStore
 from . import cluster as ceph
-from .inventory import Member, build
+from .inventory import Member, build, known_hosts
 from .placement import MAX_MONS, Placement, place, pool_shape
 from .secretsock import ENV as SECRET_ENV
 from .secretsock import SecretSocket
@@ -58,6 +58,10 @@ BLUESTORE = "ceph_bluestore"  # the agent's signature of a disk with a bluestore
 CEPH_CONF_TEMPLATE = (
     REPO / "roles" / "node_base" / "templates" / "ceph.conf.j2"
 )  # the start of a failed join's reason
+SSH_ARGS = (
+    "-o ControlMaster=auto -o ControlPersist=60s -o LogLevel=ERROR -o ConnectTimeout=10 "
+    "-o ServerAliveInterval=5 -o ServerAliveCountMax=3"
+)
 KEEP_RUNS = 10  # ansible-runner directories kept under STATE/join/ (no keys in them)
 
 
@@ -186,9 +190,9 @@ class JoinStage:
             # their names may differ from the last boot's
             labelled = [f"/dev/{d['name']}" for d in disks if d.get("signature") == BLUESTORE]
             new = [f"/dev/{o.disk}" for o in placement.osds_of(node.id)]
-            members.append(
-                Member(node.id, addresses[node.id], tuple(dict.fromkeys(labelled + new)))
-            )
+            keys = inv.inventory.ssh_host_keys if inv else ()
+            devices = tuple(dict.fromkeys(labelled + new))
+            members.append(Member(node.id, addresses[node.id], devices, tuple(keys)))
         # pool sizing counts hosts that have (or will have) OSDs
         hosts = [m.node for m in members if m.devices]
         size, min_size, domain = pool_shape(len(hosts), sum(len(m.devices) for m in members))
@@ -222,22 +226,25 @@ class JoinStage:
         for node in targets:
             roles = _roles_of(node.id, mons, members)
             self._move(node, S.JOINING, f"joining the cluster as {', '.join(roles) or 'client'}")
+        run_dir = self._run_dir()
+        (run_dir / "known_hosts").write_text(known_hosts(members))
         inventory = build(
             members,
             identity=ident,
             mons=mons,
             placement=placement,
             ssh_key=self._ssh_key,
+            known_hosts_file=run_dir / "known_hosts",
             time_servers=self._settings.time_servers,
             ceph_options=self._settings.ceph_options,
         )
         outcome = {n: HostOutcome(n) for n in target_ids}
         try:
-            status, run_dir, stats = self._ansible(inventory, target_ids, outcome)
+            status, stats = self._ansible(run_dir, inventory, target_ids, outcome)
         except Exception as exc:  # the runner itself broke: nobody may stay joining
             for node_id in target_ids:
                 outcome[node_id].failed = outcome[node_id].failed or f"the join run broke: {exc}"
-            status, run_dir, stats = "error", None, {}
+            status, stats = "error", {}
         for node_id, host in outcome.items():
             if not host.failed and status != "successful":
                 if node_id in stats.get("dark", {}):
@@ -305,18 +312,25 @@ class JoinStage:
             self._move(node, S.ACTIVE, f"joined in {result.seconds:.1f} s: {what}",
                        osds=sorted(set(host.osds)))  # fmt: skip
 
-    def _ansible(
-        self, inventory: Mapping[str, Any], targets: Sequence[str], outcome: dict[str, HostOutcome]
-    ) -> tuple[str, Path, Mapping[str, Any]]:
-        import ansible_runner
-
-        settings = self._settings
-        runs = settings.state_dir / "join"
+    def _run_dir(self) -> Path:
+        runs = self._settings.state_dir / "join"
         runs.mkdir(parents=True, exist_ok=True)
         os.chmod(runs, 0o700)
         run_dir = runs / f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
         run_dir.mkdir(mode=0o700)
         _prune(runs)
+        return run_dir
+
+    def _ansible(
+        self,
+        run_dir: Path,
+        inventory: Mapping[str, Any],
+        targets: Sequence[str],
+        outcome: dict[str, HostOutcome],
+    ) -> tuple[str, Mapping[str, Any]]:
+        import ansible_runner
+
+        settings = self._settings
         secrets = {name: (lambda name=name: ceph.secret(self._store, name)) for name in ceph.KEYS}
         handler = _EventHandler(self._store, outcome, self._progress)
         with SecretSocket(secrets) as socket_path:
@@ -329,6 +343,10 @@ class JoinStage:
                 # SSH masters of this run only: a master left from an earlier run may
                 # point at a machine (or a lab namespace) that is gone, and hang
                 "ANSIBLE_SSH_CONTROL_PATH_DIR": str(run_dir / "cp"),
+                # host keys are checked (per host, ansible_ssh_common_args): none of
+                # ansible.cfg's hand-run defaults that turn checking off
+                "ANSIBLE_HOST_KEY_CHECKING": "True",
+                "ANSIBLE_SSH_ARGS": SSH_ARGS,
                 # ansible-playbook from the same environment as this Python
                 "PATH": os.pathsep.join(
                     [str(Path(sys.executable).parent), os.environ.get("PATH", "/usr/bin:/bin")]
@@ -352,7 +370,7 @@ class JoinStage:
             tail = _stdout_tail(run_dir)
             for host in outcome.values():
                 host.failed = host.failed or f"ansible-playbook failed (rc {runner.rc}): {tail}"
-        return str(runner.status), run_dir, stats
+        return str(runner.status), stats
 
 
 def render_conf(inventory: Mapping[str, Any], host: str) -> str:

@@ -7,6 +7,7 @@ netbooted, enlisted and joined by the lab's seed with no command; then
 * the cluster is HEALTH_OK with 3 monitors in quorum, 3 OSDs up and in and
   3 CRUSH hosts, as the ``ceph`` CLI (run in the seed's namespace) says;
 * no cephx key is in the seed's log, its join directories or its store in clear;
+* the join's SSH checked each node's host key (reported at its enlist);
 * an RBD image written on one machine reads back byte-identical on another;
 * a 4th machine racked later joins on its own and raw capacity grows by at
   least 95% of its disk; ``cluster status`` lists it;
@@ -205,6 +206,23 @@ def test_no_key_is_anywhere_in_clear(lab):
         data = path.read_bytes()
         for key in keys:
             assert key.encode() not in data, f"a cephx key in clear in {path}"
+
+
+def test_the_join_checked_each_nodes_host_key(lab):
+    runs = sorted(p for p in (lab.state / "join").iterdir() if p.is_dir())
+    pinned = (runs[0] / "known_hosts").read_text().splitlines()
+    rows = lab.rows()
+    assert {line.split(",")[0] for line in pinned} >= {r["ip"] for r in rows.values()}
+    hosts = json.loads(next(runs[0].glob("inventory/hosts.json")).read_text())["all"]["hosts"]
+    assert all("StrictHostKeyChecking=yes" in h["ansible_ssh_common_args"] for h in hosts.values())
+    # and the pinned key is the node's: a strict login with only that file works
+    key = lab.state / "ssh" / "id_ed25519"
+    out = lab.in_seed(
+        "ssh", "-i", str(key), "-o", "StrictHostKeyChecking=yes",
+        "-o", f"UserKnownHostsFile={runs[0] / 'known_hosts'}", "-o", "LogLevel=ERROR",
+        f"root@{rows['netns1']['ip']}", "hostname",
+    ).stdout  # fmt: skip
+    assert out.strip() == rows["netns1"]["node"]
 
 
 def test_an_rbd_image_written_on_one_machine_reads_back_on_another(lab):

@@ -24,6 +24,7 @@ from bootstrap.agent.inventory import (
     read_lldp,
     read_memory,
     read_nics,
+    read_ssh_host_keys,
     read_system,
 )
 
@@ -88,7 +89,7 @@ def add_nic(roots: Roots, name: str, mac: str, *, driver: str | None, **attrs: s
 
 def machine_tree(root: Path, *, uuid: str = GUID, boot_id: str = BOOT_ID) -> Roots:
     """One machine with the devices every rule needs. Returns its roots."""
-    roots = Roots(sys=root / "sys", proc=root / "proc", dev=root / "dev")
+    roots = Roots(sys=root / "sys", proc=root / "proc", dev=root / "dev", ssh=root / "etc/ssh")
     dmi = roots.sys / "class" / "dmi" / "id"
     _write(dmi / "product_uuid", uuid.upper() + "\n")
     _write(dmi / "product_serial", "SN-0042\n")
@@ -376,7 +377,7 @@ def test_lldp_runs_lldpcli_only_when_installed():
 
 def test_collect_puts_it_together(roots):
     inventory = collect(roots, run=lambda argv: (0, json.dumps(ONE)), which=lambda n: "/x")
-    assert set(inventory) == {"system", "cpus", "memory", "disks", "nics", "lldp"}
+    assert set(inventory) == {"system", "cpus", "memory", "disks", "nics", "lldp", "ssh_host_keys"}
     assert inventory["system"]["uuid"] == GUID and inventory["lldp"] == [TOR]
     json.dumps(inventory)  # plain JSON all the way down
 
@@ -386,3 +387,18 @@ def test_dmi_can_come_from_elsewhere(roots, tmp_path):
     (tmp_path / "dmi" / "product_uuid").write_text(BOOT_ID + "\n")
     moved = Roots(sys=roots.sys, proc=roots.proc, dev=roots.dev, dmi=tmp_path / "dmi")
     assert read_system(moved) == {"uuid": BOOT_ID, "serial": None, "vendor": None, "product": None}
+
+
+ED25519 = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGvc0ZKh3jzXbaYbjzH9LMF7DNqYkO4WN5vR2f3d0m1Q"
+
+
+def test_the_host_keys_of_this_boot_are_reported_without_comments(tmp_path):
+    ssh = tmp_path / "ssh"
+    ssh.mkdir()
+    (ssh / "ssh_host_rsa_key.pub").write_text("ssh-rsa AAAAB3NzaC1yc2EAAAADAQAB root@x\n")
+    (ssh / "ssh_host_ed25519_key.pub").write_text(ED25519 + " root@node\n")
+    (ssh / "ssh_host_ed25519_key").write_text("PRIVATE KEY, never read\n")
+    (ssh / "ssh_host_bogus_key.pub").write_text("not-a-key AAAA\n")
+    keys = read_ssh_host_keys(Roots(sys=tmp_path, ssh=ssh))
+    assert keys == [ED25519, "ssh-rsa AAAAB3NzaC1yc2EAAAADAQAB"]
+    assert read_ssh_host_keys(Roots(sys=tmp_path, ssh=tmp_path / "none")) == []

@@ -139,6 +139,11 @@ def test_enlist_mode_sends_no_node():
         with_inventory(nics=[{"name": "eth0", "mac": "zz"}]),
         with_inventory(nics=[{"name": "eth0", "mac": MAC, "link": "sideways"}]),
         with_inventory(lldp=[{"chassis_id": "x"}]),  # no interface
+        with_inventory(ssh_host_keys="ssh-ed25519 AAAA"),
+        with_inventory(ssh_host_keys=["ssh-ed25519 AAAAC3Nza root@x"]),  # a comment
+        with_inventory(ssh_host_keys=["ssh-dss AAAAB3NzaC1kc3MAAACBAP"]),
+        with_inventory(ssh_host_keys=["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5\nfrom=evil"]),
+        with_inventory(ssh_host_keys=["ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAA"] * 5),
     ],
 )
 def test_malformed_bodies_are_refused(data):

@@ -88,6 +88,7 @@ def test_the_inventory_has_groups_and_only_lookups_where_keys_go():
         "ansible_host": "10.0.0.12",
         "ceph_crush_rack": "default",
         "ceph_osd_devices": ["/dev/sdb"],
+        "ansible_ssh_common_args": "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null",
     }
     assert top["vars"]["ceph_bootstrap"] is True and top["vars"]["ceph_pool_size"] == 3
     for var in ("ceph_mon_key", "ceph_admin_key", "ceph_bootstrap_osd_key"):
@@ -246,3 +247,25 @@ def test_a_restarted_seed_takes_up_the_joins_it_left_half_done():
     nodes = [node("a", NodeState.JOINING, 1.0), node("b", NodeState.ENLISTED, 99.0)]
     assert join_targets(nodes, {}, 100.0, auto=True, settle=3.0, resume=True) == ["a"]
     assert join_targets(nodes, {}, 100.0, auto=True, settle=3.0) == []
+
+
+def test_ssh_checks_the_host_keys_each_node_enlisted_with():
+    from bootstrap.join.inventory import known_hosts
+
+    key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGvc0ZKh3jzXbaYbjzH9LMF7DNqYkO4WN5vR2f3d0m1Q"
+    members = [Member("node-a", "10.0.0.11", (), (key,)), Member("node-b", "10.0.0.12")]
+    assert known_hosts(members) == f"10.0.0.11,node-a {key}\n"
+    ident = ceph.Identity("2f0e8d6a-0000-4000-8000-000000000001", "10.0.0.0/24", (), False)
+    inv = build(
+        members,
+        identity=ident,
+        mons=[ceph.Mon("node-a", "10.0.0.11")],
+        placement=place([("node-a", {}), ("node-b", {})]),
+        ssh_key=Path("/k"),
+        known_hosts_file=Path("/run/kh"),
+    )
+    hosts = inv["all"]["hosts"]
+    assert "StrictHostKeyChecking=yes" in hosts["node-a"]["ansible_ssh_common_args"]
+    assert "UserKnownHostsFile=/run/kh" in hosts["node-a"]["ansible_ssh_common_args"]
+    # a node whose agent reported no keys (an older image) is trusted on first use
+    assert "StrictHostKeyChecking=no" in hosts["node-b"]["ansible_ssh_common_args"]
