@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Provisions the seed VM of the Vagrant lab (run as root by Vagrant, repo in /opt/metalseed).
 # Installs metalseed with the repository's own set-up, points it at the provisioning
-# network (eth1) and at the virtual BMCs on the workstation, builds the node image.
+# network (eth1) and at the virtual BMCs on the workstation, serves NTP to the nodes,
+# builds the node image. The nodes' empty data disks become OSDs (join.auto).
 set -euo pipefail
 cd /opt/metalseed
 make setup
@@ -28,6 +29,12 @@ TOML
 # the BMCs' factory login, as printed on a sticker; rotation replaces it per BMC
 ( umask 077; printf 'admin:%s\n' "${METALSEED_LAB_FACTORY_PASSWORD:-lab-factory-pw}" \
     > /etc/metalseed/bmc-credentials )
+
+# the nodes take their time from the seed (Ceph's monitors need clocks within 50 ms)
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chrony >/dev/null
+sed 's|^allow .*|allow 10.20.0.0/24|' contrib/chrony/metalseed-seed.conf \
+    > /etc/chrony/conf.d/metalseed-seed.conf
+systemctl restart chrony
 
 install -m 0644 contrib/systemd/metalseed.service /etc/systemd/system/
 systemctl daemon-reload
