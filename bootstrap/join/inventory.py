@@ -57,6 +57,8 @@ def build(
         }
         if member.devices:
             host["ceph_osd_devices"] = list(member.devices)
+        if member.node in placement.mon_disks and member.node in mon_names:
+            host["ceph_mon_device"] = f"/dev/{placement.mon_disks[member.node]}"
         if member.host_keys and known_hosts_file is not None:
             # the node's host keys came with its token-checked enlist: SSH checks them
             host["ansible_ssh_common_args"] = (

@@ -5,6 +5,10 @@
 * OSDs: one per *empty* data disk (``inventory.disks[].empty``) of every
   machine; a disk holding anything (partitions, a filesystem, LVM, Ceph) is
   never touched.
+* Monitor stores: a monitor host with two or more empty disks gives its
+  smallest one to its monitor's store (a filesystem that outlives a reboot of
+  the stateless node, so a whole-rack power loss keeps the cluster); with one
+  disk the store lives in memory and is rebuilt from the quorum.
 * CRUSH: each machine is a host, under the rack named in config, else the
   switch its NIC's LLDP neighbour reports, else ``default``.
 * Pools: replicated size 3 / min_size 2 across hosts once three hosts have
@@ -39,6 +43,7 @@ class Placement:
     pool_size: int
     pool_min_size: int
     failure_domain: str  # "host" or "osd"
+    mon_disks: Mapping[str, str] = dataclasses.field(default_factory=dict)  # node -> disk
 
     @property
     def degraded(self) -> bool:
@@ -83,10 +88,17 @@ def place(
     order = [node for node, _ in enlisted]
     labelled = [n for n in mon_labels if n in order]
     mons = tuple((labelled or order)[:MAX_MONS])
+    mon_disks: dict[str, str] = {}
+    for node, inventory in enlisted:
+        empties = empty_disks(inventory)
+        if node in mons and len(empties) >= 2:
+            smallest = min(empties, key=lambda d: (int(d.get("size_bytes") or 0), d["name"]))
+            mon_disks[node] = str(smallest["name"])
     osds = tuple(
         Osd(node, str(d["name"]), int(d.get("size_bytes") or 0))
         for node, inventory in enlisted
         for d in empty_disks(inventory)
+        if mon_disks.get(node) != d["name"]
     )
     hosts = {o.node for o in osds}
     size, min_size, domain = pool_shape(len(hosts), len(osds))
@@ -98,4 +110,5 @@ def place(
         pool_size=size,
         pool_min_size=min_size,
         failure_domain=domain,
+        mon_disks=mon_disks,
     )

@@ -35,7 +35,9 @@ def test_mons_are_the_first_three_to_enlist_or_the_labelled_ones():
 
 
 def test_fewer_hosts_is_a_degraded_mode_that_upgrades_as_machines_join():
-    one = place([("n1", machine(("vda", G, True), ("vdb", G, True)))])
+    one = place([("n1", machine(("vda", G, True), ("vdb", G, True), ("vdc", G, True)))])
+    # one of the three disks holds the monitor's store, two are OSDs on one host
+    assert one.mon_disks == {"n1": "vda"}
     assert (one.pool_size, one.pool_min_size, one.failure_domain) == (2, 1, "osd")
     assert one.degraded
     two = place([("n1", machine(("vda", G, True))), ("n2", machine(("vda", G, True)))])
@@ -55,3 +57,15 @@ def test_racks_come_from_config_then_lldp_then_default():
         racks={"n3": "r7"},
     )
     assert p.racks == {"n1": "default", "n2": "rack-tor-a", "n3": "r7"}
+
+
+def test_a_monitor_host_with_two_empty_disks_gives_the_smallest_to_its_store():
+    def inv(*sizes):
+        return {"disks": [{"name": f"sd{chr(98 + i)}", "size_bytes": s << 30, "empty": True}
+                          for i, s in enumerate(sizes)]}  # fmt: skip
+
+    p = place([("a", inv(20, 4)), ("b", inv(10)), ("c", inv(10, 10)), ("d", inv(4, 20))])
+    assert p.mon_disks == {"a": "sdc", "c": "sdb"}  # d is no monitor; b has one disk
+    assert [o.disk for o in p.osds_of("a")] == ["sdb"]
+    assert [o.disk for o in p.osds_of("c")] == ["sdc"]
+    assert [o.disk for o in p.osds_of("d")] == ["sdb", "sdc"]

@@ -42,6 +42,8 @@ if [ ! -e "/var/lib/ceph/osd/$cluster-$id/keyring" ]; then
 fi
 if ! systemctl is-active --quiet "ceph-osd@$id"; then
     systemctl enable --quiet "ceph-osd@$id" 2>/dev/null || true
+    # an OSD that gave up while the monitors were away may start again now
+    systemctl reset-failed "ceph-osd@$id" 2>/dev/null || true
     systemctl start "ceph-osd@$id"
     echo started
 fi
