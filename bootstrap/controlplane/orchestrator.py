@@ -107,7 +107,7 @@ def plan(nodes: Iterable[Node], now: float, policy: Policy) -> list[Decision]:
 
 def join_targets(
     nodes: Iterable[Node],
-    boots: Mapping[str, str],
+    boots: Mapping[str, tuple[str, float]],
     now: float,
     *,
     auto: bool,
@@ -116,12 +116,15 @@ def join_targets(
 ) -> list[str]:
     """The nodes a join should take now. Pure.
 
-    * With ``auto``: every enlisted node, once ``settle`` seconds passed since the
-      newest one enlisted (machines powered on together join in one run).
+    * With ``auto``: every enlisted node.
     * Always: an active monitor host that booted again since it joined
-      (``boots``: node -> its latest boot id). A netbooted node is stateless, so
-      its monitor's store went with the reboot and the roles rebuild it from the
-      quorum; its OSDs come back by themselves (their disks carry them).
+      (``boots``: node -> (its latest boot id, when it enlisted with it)). A
+      netbooted node is stateless: the roles mount its monitor's disk (or
+      rebuild an in-memory store from the quorum) and start its monitor; its
+      OSDs come back by themselves (their disks carry them).
+    * Both wait until ``settle`` seconds passed since the newest of them
+      enlisted, so machines powered on together join in one run (monitors
+      coming back after a rack power loss need each other for a quorum).
     * With ``resume`` (the first pass of a daemon that started): nodes left
       ``joining`` by a seed that stopped mid-join; the roles are idempotent.
     """
@@ -129,18 +132,22 @@ def join_targets(
     targets: list[str] = []
     if resume:
         targets += [n.id for n in nodes if n.state is S.JOINING]
-    enlisted = [n for n in nodes if n.state is S.ENLISTED]
-    if auto and enlisted and now - max(n.state_since for n in enlisted) >= settle:
-        targets += [n.id for n in sorted(enlisted, key=lambda n: (n.state_since, n.id))]
+    waiting: list[tuple[float, str]] = []
+    if auto:
+        waiting += [(n.state_since, n.id) for n in nodes if n.state is S.ENLISTED]
     for node in nodes:
         joined_boot = node.facts.get("joined_boot")
+        boot = boots.get(node.id)
         if (
             node.state is S.ACTIVE
             and node.facts.get("ceph_mon")
             and joined_boot
-            and boots.get(node.id, joined_boot) != joined_boot
+            and boot is not None
+            and boot[0] != joined_boot
         ):
-            targets.append(node.id)
+            waiting.append((boot[1], node.id))
+    if waiting and now - max(t for t, _ in waiting) >= settle:
+        targets += [node_id for _, node_id in sorted(waiting)]
     return targets
 
 
@@ -214,7 +221,7 @@ class Orchestrator:
             if node.state is S.ACTIVE and node.facts.get("ceph_mon"):
                 inv = self.store.get_inventory(node.id)
                 if inv is not None:
-                    boots[node.id] = inv.boot_id
+                    boots[node.id] = (inv.boot_id, inv.received)
         join = self.config.join
         targets = join_targets(
             nodes, boots, self._clock(), auto=join.auto, settle=join.settle,

@@ -341,8 +341,9 @@ class JoinStage:
                 "ANSIBLE_FORKS": str(settings.forks),
                 "ANSIBLE_NOCOLOR": "1",
                 # SSH masters of this run only: a master left from an earlier run may
-                # point at a machine (or a lab namespace) that is gone, and hang
-                "ANSIBLE_SSH_CONTROL_PATH_DIR": str(run_dir / "cp"),
+                # point at a machine (or a lab namespace) that is gone, and hang. In the
+                # socket's short private directory: a socket path has at most 107 bytes
+                "ANSIBLE_SSH_CONTROL_PATH_DIR": str(socket_path.parent / "cp"),
                 # host keys are checked (per host, ansible_ssh_common_args): none of
                 # ansible.cfg's hand-run defaults that turn checking off
                 "ANSIBLE_HOST_KEY_CHECKING": "True",

@@ -153,7 +153,9 @@ class CephLab:
         rows = self.rows()
         failed = [r for r in rows.values() if r["state"] == "failed"]
         if failed:
-            raise AssertionError(f"a machine failed: {failed}")
+            nodes = json.loads(cli("nodes", "list", "--json", state_dir=self.state).stdout)
+            reasons = {n["node"]: n.get("reason") for n in nodes if n["state"] == "failed"}
+            raise AssertionError(f"a machine failed: {reasons}")
         return all(rows.get(n, {}).get("state") == "active" for n in names)
 
 

@@ -140,9 +140,12 @@ def test_a_monitor_host_that_booted_again_joins_again_but_an_osd_host_does_not()
         node("mon", NodeState.ACTIVE, 1.0, ceph_mon=True, joined_boot="boot-1"),
         node("osd", NodeState.ACTIVE, 1.0, ceph_mon=False, joined_boot="boot-1"),
     ]
-    assert join_targets(nodes, {"mon": "boot-1"}, 9.0, auto=True, settle=0) == []
-    boots = {"mon": "boot-2", "osd": "boot-2"}
+    assert join_targets(nodes, {"mon": ("boot-1", 2.0)}, 9.0, auto=True, settle=0) == []
+    boots = {"mon": ("boot-2", 8.0), "osd": ("boot-2", 8.0)}
     assert join_targets(nodes, boots, 9.0, auto=False, settle=0) == ["mon"]
+    # monitors powered on together are joined together (they need each other's quorum)
+    assert join_targets(nodes, boots, 9.0, auto=False, settle=3.0) == []
+    assert join_targets(nodes, boots, 11.0, auto=False, settle=3.0) == ["mon"]
 
 
 CEPH_STATUS = {
