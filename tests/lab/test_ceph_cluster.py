@@ -247,8 +247,14 @@ def test_a_fourth_machine_joins_with_no_command(lab):
         lambda: (s := lab.cluster_status())["osds_up"] == 4 and s["osds_in"] == 4 and s,
         120,
     )
-    grown = after["raw_bytes"] - before["raw_bytes"]
-    assert grown >= 0.95 * 10 * GIB, (before["raw_bytes"], after["raw_bytes"])
+
+    def grown() -> dict | None:
+        # a new OSD's size reaches the capacity figures with its first stats report to
+        # the manager (every few seconds), a little after it is up and in
+        s = lab.cluster_status()
+        return s if s["raw_bytes"] - before["raw_bytes"] >= 0.95 * 10 * GIB else None
+
+    after = wait_for(f"raw capacity to grow from {before['raw_bytes']} B", grown, 60)
     node = lab.node_row("netns4")["node"]
     hosts = {h["host"]: h for h in after["hosts"]}
     assert hosts[node]["raw_bytes"] >= 0.95 * 10 * GIB and len(hosts[node]["osds"]) == 1
