@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sqlite3
 import subprocess
 import time
 from collections.abc import Callable
@@ -99,10 +98,7 @@ class CephLab:
         """The admin key, out of the store into a 0600 file of this test (for the ceph CLI)."""
         path = self.tmp / "admin.keyring"
         if not path.exists():
-            from bootstrap.secretbox import SecretBox
-            from bootstrap.store.sqlite import SqliteStore
-
-            store = SqliteStore(self.state / "state.db", SecretBox(self.state / "secret.key"))
+            store = self.store()
             key = store.cluster_secret("admin_key").reveal()
             store.close()
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -110,21 +106,25 @@ class CephLab:
                 fh.write(f"[client.admin]\n\tkey = {key}\n")
         return path
 
+    def store(self):
+        from bootstrap.secretbox import SecretBox
+        from bootstrap.store.sqlite import SqliteStore
+
+        return SqliteStore(self.state / "state.db", SecretBox(self.state / "secret.key"))
+
     def ceph(self, *argv: str, fmt_json: bool = True):
+        """The ``ceph`` CLI in the seed's namespace, with the seed's own client conf."""
+        from bootstrap.join.cluster import identity
+
+        store = self.store()
         conf = self.tmp / "ceph.conf"
-        ident = json.loads(self.metalseed("cluster", "status", "--json").stdout)
-        mons = ",".join(f"{ip}:6789" for ip in self.mon_addrs())
-        conf.write_text(f"[global]\nfsid = {ident['fsid']}\nmon_host = {mons}\n")
+        conf.write_text(identity(store).conf())
+        store.close()
         out = self.in_seed(
             "ceph", "-c", str(conf), "-k", str(self.admin_keyring()), "--name", "client.admin",
             "--connect-timeout", "15", *argv, *(["--format", "json"] if fmt_json else []),
         ).stdout  # fmt: skip
         return json.loads(out) if fmt_json else out
-
-    def mon_addrs(self) -> list[str]:
-        with sqlite3.connect(self.state / "state.db") as conn:
-            row = conn.execute("SELECT value FROM cluster WHERE key='mons'").fetchone()
-        return [m["addr"] for m in json.loads(row[0])]
 
     def ssh(self, ip: str, command: str, timeout: float = 120) -> str:
         key = self.state / "ssh" / "id_ed25519"
@@ -194,10 +194,7 @@ def test_three_machines_form_a_healthy_cluster(lab):
 
 
 def test_no_key_is_anywhere_in_clear(lab):
-    from bootstrap.secretbox import SecretBox
-    from bootstrap.store.sqlite import SqliteStore
-
-    store = SqliteStore(lab.state / "state.db", SecretBox(lab.state / "secret.key"))
+    store = lab.store()
     keys = [store.cluster_secret(n).reveal() for n in ("mon_key", "admin_key", "bootstrap_osd_key")]
     store.close()
     places = [p for p in (lab.state / "join").rglob("*") if p.is_file()]
