@@ -37,8 +37,12 @@ ENV_PREFIX = "METALSEED_"
 @dataclasses.dataclass(frozen=True)
 class BmcConfig:
     port: int = 623
-    #: seconds to wait for one IPMI exchange (login or command)
+    #: seconds to wait for one BMC exchange (an IPMI command, a Redfish request)
     timeout: float = 5.0
+    #: seconds a login may take before it counts as unanswered: a BMC that found the
+    #: presence probe but stays silent for a username it does not know costs this much,
+    #: then discovery tries the next credential
+    login_timeout: float = 3.0
     #: attempts for a retryable failure, the first included
     attempts: int = 3
     #: first backoff delay in seconds; doubles per attempt
@@ -50,6 +54,10 @@ class BmcConfig:
     #: seconds one BMC's whole job (an enrollment, a power action) may take before it is
     #: abandoned and reported as failed, so one wedged BMC never stalls a sweep
     job_deadline: float = 120.0
+    #: Redfish over HTTPS: check the BMC's certificate (false: lab use only, logged loudly)
+    redfish_verify: bool = True
+    #: the CA bundle Redfish certificates are checked against (empty: the system's CAs)
+    redfish_ca_file: Path | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -338,6 +346,10 @@ def _validate(config: Config) -> None:
         raise ConfigError("bmc.concurrency must be at least 1")
     if config.bmc.job_deadline <= 0:
         raise ConfigError("bmc.job_deadline must be positive")
+    if not 0 < config.bmc.login_timeout <= config.bmc.job_deadline:
+        raise ConfigError("bmc.login_timeout must be positive and at most bmc.job_deadline")
+    if config.bmc.timeout <= 0:
+        raise ConfigError("bmc.timeout must be positive")
     if not 0 < config.bmc.port < 65536:
         raise ConfigError("bmc.port must be a UDP port number")
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):

@@ -111,3 +111,19 @@ class BmcCommandError(BmcError, FatalError):
 
 class PowerStateNotReached(BmcError, RetryableError):
     """The BMC accepted the command but the machine never reached the state."""
+
+
+class BmcLoginTimeout(BmcTimeout):
+    """A BMC that answered the presence probe gave no answer to a login within
+    ``bmc.login_timeout``. Many BMCs stay silent for a username they do not know
+    instead of refusing it, so discovery tries the next credential."""
+
+
+class BmcBusy(BmcError, RetryableError):
+    """The BMC is up but has no room for us now (a full session table, 503)."""
+
+
+class BmcGone(BmcError, FatalError):
+    """The BMC answers but the machine is no longer behind it (a Redfish System vanished)."""
+
+    exit_code = 4

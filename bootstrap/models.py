@@ -54,20 +54,78 @@ class Credential:
             object.__setattr__(self, "password", Secret(self.password))
 
 
+#: BMC kinds (``BmcAddress.driver``) and, for Redfish, the URL schemes a RANGE may name
+IPMI, REDFISH = "ipmi", "redfish"
+REDFISH_SCHEMES = {"redfish": "https", "redfish+https": "https", "redfish+http": "http"}
+DEFAULT_PORTS = {("ipmi", ""): 623, ("redfish", "https"): 443, ("redfish", "http"): 80}
+
+
 @dataclasses.dataclass(frozen=True)
 class BmcAddress:
+    """Where a node's BMC answers and which driver speaks to it.
+
+    IPMI: ``host:port`` (UDP). Redfish: ``scheme`` (https or http), host, port
+    and ``path``, the ComputerSystem's ``@odata.id`` on that service ("" for
+    the service itself, before its Systems are enumerated). ``str()`` gives
+    the form ``parse`` reads back: ``10.0.8.3:623``,
+    ``redfish://10.0.9.3:443/redfish/v1/Systems/1``,
+    ``redfish+http://127.0.0.1:8000/redfish/v1/Systems/abc``.
+    """
+
     host: str
     port: int = 623
+    driver: str = IPMI
+    scheme: str = ""
+    path: str = ""
 
     def __str__(self) -> str:
+        if self.driver == REDFISH:
+            prefix = "redfish" if self.scheme == "https" else f"redfish+{self.scheme}"
+            host = f"[{self.host}]" if ":" in self.host else self.host
+            return f"{prefix}://{host}:{self.port}{self.path}"
         return f"{self.host}:{self.port}"
+
+    @property
+    def service(self) -> BmcAddress:
+        """The endpoint without a System path: the Redfish service (an IPMI BMC itself)."""
+        return dataclasses.replace(self, path="")
+
+    @property
+    def base_url(self) -> str:
+        """``https://host:port`` of a Redfish service."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
+
+    @classmethod
+    def redfish(cls, scheme: str, host: str, port: int | None = None, path: str = "") -> BmcAddress:
+        if scheme not in ("https", "http"):
+            raise ValueError(f"Redfish scheme must be https or http, not {scheme!r}")
+        return cls(host, port or DEFAULT_PORTS[(REDFISH, scheme)], REDFISH, scheme, path)
 
     @classmethod
     def parse(cls, text: str, default_port: int = 623) -> BmcAddress:
-        host, sep, port = text.rpartition(":")
-        if not sep:
-            return cls(text, default_port)
-        return cls(host, int(port))
+        """``host[:port]`` (IPMI) or ``redfish[+http]://host[:port][/path]``."""
+        scheme_word, sep, rest = text.partition("://")
+        if sep:
+            scheme = REDFISH_SCHEMES.get(scheme_word.lower())
+            if scheme is None:
+                raise ValueError(f"unknown BMC scheme {scheme_word!r} in {text!r}")
+            where, slash, path = rest.partition("/")
+            path = f"/{path}".rstrip("/") if slash else ""
+            host, port = _host_port(where, None)
+            return cls.redfish(scheme, host, port, path)
+        host, port = _host_port(text, default_port)
+        return cls(host, port)
+
+
+def _host_port(text: str, default: int | None) -> tuple[str, int | None]:
+    if text.startswith("["):  # [v6]:port
+        host, _, tail = text[1:].partition("]")
+        return host, int(tail[1:]) if tail.startswith(":") else default
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        return text, default
+    return host, int(port)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,9 +136,12 @@ class BmcIdentity:
     manufacturer_id: int = 0
     product_id: int = 0
     firmware: str = ""
-    mac: str | None = None
+    mac: str | None = None  # the BMC's own MAC (IPMI LAN configuration)
     power: str = "unknown"
+    #: manufacturer, product, serial, ... (IPMI FRU; a Redfish System's own fields)
     fru: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    #: the machine's NIC MACs, where the BMC reports them (Redfish EthernetInterfaces)
+    macs: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +162,7 @@ class Node:
             "state": str(self.state),
             "guid": self.guid,
             "bmc": str(self.bmc) if self.bmc else None,
+            "driver": self.bmc.driver if self.bmc else None,
             "reason": self.reason,
             "state_since": self.state_since,
             "created": self.created,

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from ..errors import BmcError, PowerStateNotReached, RetryableError
+from ..errors import BmcError, BmcLoginTimeout, PowerStateNotReached, RetryableError
 from ..models import BmcAddress, BmcIdentity, Credential
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,14 @@ class BmcTarget:
 
 
 @dataclasses.dataclass(frozen=True)
+class Machine:
+    """One machine behind a BMC endpoint: its own address there and what it says."""
+
+    address: BmcAddress
+    identity: BmcIdentity
+
+
+@dataclasses.dataclass(frozen=True)
 class PowerResult:
     power: str  # the state reached (or observed)
     changed: bool  # False when the machine was already there
@@ -59,6 +67,7 @@ class PowerDriver(abc.ABC):
         self,
         *,
         timeout: float = 5.0,
+        login_timeout: float = 3.0,
         attempts: int = 3,
         backoff: float = 0.5,
         power_wait: float = 30.0,
@@ -68,6 +77,7 @@ class PowerDriver(abc.ABC):
         rng: random.Random | None = None,
     ) -> None:
         self.timeout = timeout
+        self.login_timeout = login_timeout
         self.attempts = attempts
         self.backoff = backoff
         self.power_wait = power_wait
@@ -76,12 +86,18 @@ class PowerDriver(abc.ABC):
         self._sleep = sleep
         self._rng = rng or random.Random()
 
+    @classmethod
+    def options_from(cls, config) -> dict:
+        """Driver-specific constructor options from ``BmcConfig`` (none by default)."""
+        return {}
+
     # -- primitives: one exchange each, translated into our error tree ------------
     # ``conn`` is whatever ``_connect`` returned: a logged-in session.
 
     @abc.abstractmethod
     def _connect(self, target: BmcTarget) -> object:
-        """Log in; raises ``BmcAuthError`` if refused, ``BmcTimeout`` if unanswered."""
+        """Log in within ``login_timeout``; ``BmcAuthError`` if refused,
+        ``BmcLoginTimeout`` if unanswered, ``BmcBusy`` if the BMC has no room."""
 
     @abc.abstractmethod
     def _disconnect(self, conn: object) -> None:
@@ -107,12 +123,21 @@ class PowerDriver(abc.ABC):
     def _ensure_user(self, conn: object, credential: Credential) -> None:
         """Create or update a BMC user with admin rights and this password, enabled."""
 
+    def _machines(self, target: BmcTarget, conn: object) -> list[Machine]:
+        """Every machine behind this endpoint. An IPMI BMC has one: itself."""
+        return [Machine(target.address, self._identify(conn))]
+
     # -- sessions and retries ---------------------------------------------------------
 
     @contextlib.contextmanager
-    def session(self, target: BmcTarget) -> Iterator[_Session]:
-        """One logged-in session for a whole operation; always logged out after."""
-        sess = _Session(self, target)
+    def session(self, target: BmcTarget, *, quick_login: bool = False) -> Iterator[_Session]:
+        """One logged-in session for a whole operation; always logged out after.
+
+        ``quick_login``: a login that gets no answer (``BmcLoginTimeout``) is not
+        retried, so a caller holding several candidate credentials moves on after
+        one ``login_timeout`` instead of ``attempts`` of them.
+        """
+        sess = _Session(self, target, quick_login=quick_login)
         try:
             yield sess
         finally:
@@ -130,6 +155,9 @@ class PowerDriver(abc.ABC):
                 return fn(sess.conn()), attempt
             except RetryableError as exc:
                 sess.reset()
+                if sess.quick_login and isinstance(exc, BmcLoginTimeout):
+                    exc.node = exc.node or target.label
+                    raise
                 if attempt == self.attempts:
                     raise type(exc)(
                         f"{what} failed after {attempt} attempts: {exc}", node=target.label
@@ -152,6 +180,11 @@ class PowerDriver(abc.ABC):
     def identify(self, target: BmcTarget) -> BmcIdentity:
         with self.session(target) as sess:
             return self._retrying(sess, "identify", self._identify)[0]
+
+    def machines(self, target: BmcTarget, *, quick_login: bool = False) -> list[Machine]:
+        """Log in to an endpoint and list the machines behind it (discovery)."""
+        with self.session(target, quick_login=quick_login) as sess:
+            return self._retrying(sess, "identify", lambda conn: self._machines(target, conn))[0]
 
     def check_login(self, target: BmcTarget) -> None:
         """Log in and out once: ``BmcAuthError`` if the credential is refused."""
@@ -211,9 +244,10 @@ class PowerDriver(abc.ABC):
 class _Session:
     """A lazily opened, resettable login for one operation."""
 
-    def __init__(self, driver: PowerDriver, target: BmcTarget) -> None:
+    def __init__(self, driver: PowerDriver, target: BmcTarget, *, quick_login: bool = False):
         self.driver = driver
         self.target = target
+        self.quick_login = quick_login
         self._conn: object | None = None
 
     def conn(self) -> object:
