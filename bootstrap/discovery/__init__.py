@@ -83,9 +83,10 @@ def discover(
         progress=on_probe,
     )
 
-    def done(outcome: Outcome[BmcAddress, EnrollResult]) -> None:
+    def done(outcome: Outcome[BmcAddress, list[EnrollResult]]) -> None:
         if on_enrolled is not None:
-            on_enrolled(_result_of(outcome))
+            for result in _results_of(outcome):
+                on_enrolled(result)
 
     found = [a for a in swept.found if skip is None or not skip(a)]
     outcomes = run_all(
@@ -96,10 +97,11 @@ def discover(
         deadline=deadline,
         describe=lambda address: f"BMC {address}",
     )
-    return DiscoveryReport(swept, [_result_of(o) for o in outcomes], time.monotonic() - started)
+    results = [r for o in outcomes for r in _results_of(o)]
+    return DiscoveryReport(swept, results, time.monotonic() - started)
 
 
-def _result_of(outcome: Outcome[BmcAddress, EnrollResult]) -> EnrollResult:
+def _results_of(outcome: Outcome[BmcAddress, list[EnrollResult]]) -> list[EnrollResult]:
     if outcome.result is not None:
         return outcome.result
-    return EnrollResult(outcome.item, None, None, "unknown", error=str(outcome.error))
+    return [EnrollResult(outcome.item, None, None, "unknown", error=str(outcome.error))]

@@ -1,8 +1,17 @@
-"""Enroll a BMC that answered the sweep: log in, read identity, record the node.
+"""Enroll a BMC endpoint that answered the sweep: log in, list its machines, record them.
 
-Idempotent: the same GUID is the same node; a changed BMC address is updated,
-not duplicated. Credentials are tried in order: the node's stored login, a
+An IPMI BMC has one machine behind it; a Redfish service lists its Systems,
+each its own node (the same code, ``PowerDriver.machines``). Idempotent: the
+same GUID is the same node; a changed BMC address is updated, not
+duplicated. Credentials are tried in order: the nodes' stored login, a
 pending (half-rotated) one, then the operator's list.
+
+Many BMCs stay silent for a username they do not know instead of refusing
+it. A first pass therefore tries every credential with one quick login
+(``bmc.login_timeout`` each, no retry): a silent wrong credential costs one
+login timeout, then the next is tried. Only if none worked does a second
+pass retry the silent ones with the driver's full retries (a lossy BMC may
+have dropped the right login).
 
 Rotation is crash-safe. The new password is persisted (encrypted, as
 *pending*) before the BMC is touched, and promoted to the node's login only
@@ -18,10 +27,10 @@ import secrets
 import time
 from collections.abc import Callable, Sequence
 
-from ..errors import BmcAuthError, ConcurrentUpdate, MetalseedError
+from ..errors import BmcAuthError, BmcLoginTimeout, ConcurrentUpdate, MetalseedError
 from ..guid import uuid_candidates
-from ..models import BmcAddress, BmcIdentity, Credential, Node, Secret
-from ..power.base import BmcTarget, PowerDriver
+from ..models import IPMI, BmcAddress, BmcIdentity, Credential, Node, Secret
+from ..power.base import BmcTarget, Machine, PowerDriver
 from ..states import NodeState
 from ..store import StateStore
 
@@ -48,6 +57,7 @@ class EnrollResult:
         return {
             "node": self.node,
             "bmc": str(self.bmc),
+            "driver": self.bmc.driver,
             "guid": self.guid,
             "state": self.state,
             "power": self.power,
@@ -69,56 +79,85 @@ class Enroller:
         new_password: Callable[[], Secret] = new_bmc_password,
     ) -> None:
         self.store = store
-        self.driver = driver
+        self.driver = driver  # a PowerDriver or the Drivers registry: both list machines
         self.candidates = list(candidates)
         self.rotate = rotate
         self.rotate_username = rotate_username
         self.new_password = new_password
 
-    def _logins(self, known: Node | None) -> list[Credential]:
+    def _known(self, endpoint: BmcAddress) -> list[Node]:
+        """The nodes already recorded behind this endpoint."""
+        if endpoint.driver == IPMI:
+            node = self.store.node_by_bmc(endpoint)
+            return [node] if node is not None else []
+        return [n for n in self.store.list_nodes() if n.bmc and n.bmc.service == endpoint.service]
+
+    def _logins(self, known: Sequence[Node]) -> list[Credential]:
         logins: list[Credential] = []
-        if known is not None:
+        for node in known:
             for cred in (
-                self.store.get_credential(known.id),
-                self.store.get_pending_credential(known.id),
+                self.store.get_credential(node.id),
+                self.store.get_pending_credential(node.id),
             ):
-                if cred is not None:
+                if cred is not None and cred not in logins:
                     logins.append(cred)
         for cred in self.candidates:
             if cred not in logins:
                 logins.append(cred)
         return logins
 
-    def enroll(self, bmc: BmcAddress) -> EnrollResult:
-        known = self.store.node_by_bmc(bmc)
-        label = known.id if known else None
+    def enroll(self, endpoint: BmcAddress) -> list[EnrollResult]:
+        """Log in to ``endpoint`` and record every machine behind it; one result each."""
+        known = self._known(endpoint)
+        label = known[0].id if len(known) == 1 else None
         refused: list[str] = []
-        for cred in self._logins(known):
-            target = BmcTarget(bmc, cred, node=label)
-            try:
-                identity = self.driver.identify(target)
-            except BmcAuthError:
-                refused.append(cred.username)
-                continue
-            except MetalseedError as exc:
-                if known is not None:
-                    self.store.add_event(known.id, "discovery", f"BMC {bmc} unusable: {exc}")
-                return EnrollResult(
-                    bmc,
-                    label,
-                    known.guid if known else None,
-                    str(known.state) if known else "unknown",
-                    error=str(exc),
-                )
-            return self._enrolled(bmc, known, cred, identity)
-        return self._refused(bmc, known, refused)
+        silent: list[Credential] = []
+        logins = self._logins(known)
+        for quick, creds in ((True, logins), (False, silent)):
+            still_silent: list[Credential] = []
+            for cred in list(creds):
+                target = BmcTarget(endpoint, cred, node=label)
+                try:
+                    machines = self.driver.list_machines(target, quick_login=quick)
+                except BmcAuthError:
+                    refused.append(cred.username)
+                    continue
+                except BmcLoginTimeout:
+                    (silent if quick else still_silent).append(cred)
+                    continue
+                except MetalseedError as exc:
+                    return self._unusable(endpoint, known, exc)
+                return self._enrolled(endpoint, known, cred, machines)
+            if not quick:
+                silent = still_silent
+        return [self._refused(endpoint, known, refused, [c.username for c in silent])]
 
     # -- outcomes ---------------------------------------------------------------------
 
-    def _refused(self, bmc: BmcAddress, known: Node | None, refused: list[str]) -> EnrollResult:
+    def _unusable(
+        self, endpoint: BmcAddress, known: Sequence[Node], exc: MetalseedError
+    ) -> list[EnrollResult]:
+        for node in known:
+            self.store.add_event(node.id, "discovery", f"BMC {endpoint} unusable: {exc}")
+        if not known:
+            return [EnrollResult(endpoint, None, None, "unknown", error=str(exc))]
+        return [
+            EnrollResult(n.bmc or endpoint, n.id, n.guid, str(n.state), error=str(exc))
+            for n in known
+        ]
+
+    def _refused(
+        self, bmc: BmcAddress, known: Sequence[Node], refused: list[str], silent: list[str]
+    ) -> EnrollResult:
         users = ", ".join(dict.fromkeys(refused)) or "none given"
         reason = f"BMC refused every login tried (users: {users})"
-        if known is None:
+        if silent:
+            quiet = ", ".join(dict.fromkeys(silent))
+            reason = (
+                f"BMC refused every login tried (users refused: {users}; "
+                f"no answer to a login as: {quiet})"
+            )
+        if not known:
             node = self.store.create_node(
                 guid=None,
                 bmc=bmc,
@@ -126,17 +165,19 @@ class Enroller:
                 reason=reason,
                 message=f"found BMC at {bmc}; {reason}",
             )
-        elif known.state in (NodeState.DISCOVERED,):
-            node = self.store.transition(known.id, NodeState.DISCOVERED, reason)
-        elif known.state in (NodeState.RETIRED, NodeState.FAILED):
-            self.store.add_event(known.id, "discovery", reason)
-            node = known
-        else:
-            node = self.store.transition(known.id, NodeState.FAILED, reason)
-        return EnrollResult(bmc, node.id, node.guid, str(node.state), error=reason)
+            return EnrollResult(bmc, node.id, node.guid, str(node.state), error=reason)
+        for node in known:
+            if node.state in (NodeState.DISCOVERED,):
+                self.store.transition(node.id, NodeState.DISCOVERED, reason)
+            elif node.state in (NodeState.RETIRED, NodeState.FAILED):
+                self.store.add_event(node.id, "discovery", reason)
+            else:
+                self.store.transition(node.id, NodeState.FAILED, reason)
+        node = self.store.get_node(known[0].id)
+        return EnrollResult(node.bmc or bmc, node.id, node.guid, str(node.state), error=reason)
 
     def _facts(self, identity: BmcIdentity) -> dict:
-        return {
+        facts = {
             "bmc_mac": identity.mac,
             "manufacturer_id": identity.manufacturer_id,
             "product_id": identity.product_id,
@@ -145,8 +186,18 @@ class Enroller:
             "fru": dict(identity.fru),
             "last_seen": time.time(),
         }
+        if identity.macs:
+            facts["macs"] = list(identity.macs)
+        return facts
 
-    def _upsert(self, bmc: BmcAddress, identity: BmcIdentity, known: Node | None) -> Node:
+    def _upsert(self, machine: Machine, placeholder: Node | None) -> tuple[Node, bool]:
+        """The node for ``machine``, created or updated; True if this endpoint drives it.
+
+        A machine already driven through another kind of BMC (its IPMI side was
+        enrolled first, now its Redfish service is swept too) keeps its driver: the
+        other endpoint is recorded as a fact, and nothing flips back and forth.
+        """
+        bmc, identity = machine.address, machine.identity
         facts = self._facts(identity)
         # the same machine may be known under the other byte order of its UUID (it
         # enlisted by netbooting first, and its firmware sent the UUID the other way)
@@ -154,13 +205,14 @@ class Enroller:
             (n for g in uuid_candidates(identity.guid) if (n := self.store.node_by_guid(g))),
             None,
         )
-        if node is None and known is not None and known.guid is None:
+        if node is None and placeholder is not None:
             return self.store.update_node(
-                known.id,
+                placeholder.id,
                 guid=identity.guid,
+                bmc=bmc if placeholder.bmc != bmc else None,
                 facts=facts,
                 event=("discovery", f"identified as machine {identity.guid}"),
-            )
+            ), True
         if node is None:
             try:
                 return self.store.create_node(
@@ -169,58 +221,119 @@ class Enroller:
                     state=NodeState.DISCOVERED,
                     facts=facts,
                     message=f"found machine {identity.guid} behind BMC {bmc}",
-                )
+                ), True
             except ConcurrentUpdate:  # a concurrent discover created it first
                 node = self.store.node_by_guid(identity.guid)
                 assert node is not None
-        if known is not None and known.guid is None and known.id != node.id:
-            self.store.transition(known.id, NodeState.RETIRED, f"BMC {bmc} belongs to {node.id}")
+        if placeholder is not None and placeholder.id != node.id:
+            self.store.transition(
+                placeholder.id, NodeState.RETIRED, f"BMC {placeholder.bmc} belongs to {node.id}"
+            )
+        if (
+            node.bmc is not None
+            and node.bmc.driver != bmc.driver
+            and self.store.get_credential(node.id) is not None
+        ):
+            other = dict(node.facts.get("other_bmcs") or {})
+            event = None
+            if other.get(bmc.driver) != str(bmc):
+                other[bmc.driver] = str(bmc)
+                event = ("discovery", f"also reachable over {bmc.driver} at {bmc}")
+            del facts["power"]
+            return self.store.update_node(
+                node.id, facts={**facts, "other_bmcs": other}, event=event
+            ), False
         moved = node.bmc != bmc
         event = ("discovery", f"BMC address changed {node.bmc} -> {bmc}") if moved else None
-        return self.store.update_node(node.id, bmc=bmc if moved else None, facts=facts, event=event)
+        return self.store.update_node(
+            node.id, bmc=bmc if moved else None, facts=facts, event=event
+        ), True
 
     def _enrolled(
-        self, bmc: BmcAddress, known: Node | None, cred: Credential, identity: BmcIdentity
-    ) -> EnrollResult:
-        node = self._upsert(bmc, identity, known)
-        stored = self.store.get_credential(node.id)
-        if stored != cred:
-            self.store.set_credential(
-                node.id, cred, message=f"BMC login works for user {cred.username}"
+        self,
+        endpoint: BmcAddress,
+        known: Sequence[Node],
+        cred: Credential,
+        machines: Sequence[Machine],
+    ) -> list[EnrollResult]:
+        placeholders = [n for n in known if n.guid is None]
+        results: list[EnrollResult] = []
+        driven: list[Node] = []
+        for machine in machines:
+            placeholder = placeholders.pop(0) if placeholders else None
+            node, ours = self._upsert(machine, placeholder)
+            if not ours:
+                results.append(
+                    EnrollResult(
+                        machine.address,
+                        node.id,
+                        node.guid,
+                        str(node.state),
+                        power=machine.identity.power,
+                        error=f"already driven over {node.bmc.driver} at {node.bmc}",
+                    )
+                )
+                continue
+            if self.store.get_credential(node.id) != cred:
+                self.store.set_credential(
+                    node.id, cred, message=f"BMC login works for user {cred.username}"
+                )
+            if node.state in (NodeState.DISCOVERED, NodeState.FAILED):
+                node = self.store.transition(
+                    node.id, NodeState.ENROLLED, f"logged in as {cred.username}"
+                )
+            driven.append(node)
+            results.append(
+                EnrollResult(
+                    machine.address,
+                    node.id,
+                    node.guid,
+                    str(node.state),
+                    power=machine.identity.power,
+                    username=cred.username,
+                )
             )
-        if node.state in (NodeState.DISCOVERED, NodeState.FAILED):
-            node = self.store.transition(
-                node.id, NodeState.ENROLLED, f"logged in as {cred.username}"
-            )
-        rotated, error = False, None
-        if self.rotate and cred.username != self.rotate_username:
+        if self.rotate and driven and cred.username != self.rotate_username:
             try:
-                cred = self._rotate(node, bmc, cred)
-                rotated = True
+                cred = self._rotate(endpoint, driven, cred)
             except MetalseedError as exc:
                 error = f"credential rotation failed: {exc}"
-                self.store.add_event(node.id, "credentials", error)
-        return EnrollResult(
-            bmc,
-            node.id,
-            node.guid,
-            str(node.state),
-            power=identity.power,
-            username=cred.username,
-            rotated=rotated,
-            error=error,
-        )
+                for node in driven:
+                    self.store.add_event(node.id, "credentials", error)
+                ids = {n.id for n in driven}
+                results = [
+                    dataclasses.replace(r, error=error) if r.node in ids else r for r in results
+                ]
+            else:
+                ids = {n.id for n in driven}
+                results = [
+                    dataclasses.replace(r, username=cred.username, rotated=True)
+                    if r.node in ids
+                    else r
+                    for r in results
+                ]
+        return results
 
-    def _rotate(self, node: Node, bmc: BmcAddress, working: Credential) -> Credential:
-        pending = self.store.get_pending_credential(node.id)
-        if pending is not None and pending.username == self.rotate_username:
-            new = pending  # resume an interrupted rotation with the password already stored
-        else:
-            new = Credential(self.rotate_username, self.new_password())
-            self.store.set_pending_credential(node.id, new)
-        self.driver.ensure_user(BmcTarget(bmc, working, node.id), new)
-        self.driver.check_login(BmcTarget(bmc, new, node.id))
-        self.store.set_credential(
-            node.id, new, message=f"rotated BMC login to dedicated user {self.rotate_username}"
+    def _rotate(self, endpoint: BmcAddress, nodes: Sequence[Node], working: Credential):
+        """One dedicated account per BMC endpoint (a Redfish service's Systems share it)."""
+        pending = next(
+            (
+                p
+                for n in nodes
+                if (p := self.store.get_pending_credential(n.id)) is not None
+                and p.username == self.rotate_username
+            ),
+            None,
         )
+        new = pending or Credential(self.rotate_username, self.new_password())
+        for node in nodes:  # resume an interrupted rotation with the password already stored
+            if self.store.get_pending_credential(node.id) != new:
+                self.store.set_pending_credential(node.id, new)
+        label = nodes[0].id if len(nodes) == 1 else None
+        self.driver.ensure_user(BmcTarget(endpoint, working, label), new)
+        self.driver.check_login(BmcTarget(nodes[0].bmc or endpoint, new, nodes[0].id))
+        for node in nodes:
+            self.store.set_credential(
+                node.id, new, message=f"rotated BMC login to dedicated user {self.rotate_username}"
+            )
         return new

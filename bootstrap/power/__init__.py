@@ -95,8 +95,8 @@ class Drivers:
     def identify(self, target: BmcTarget):
         return self.of(target).identify(target)
 
-    def machines(self, target: BmcTarget, *, quick_login: bool = False) -> list[Machine]:
-        return self.of(target).machines(target, quick_login=quick_login)
+    def list_machines(self, target: BmcTarget, *, quick_login: bool = False) -> list[Machine]:
+        return self.of(target).list_machines(target, quick_login=quick_login)
 
     def check_login(self, target: BmcTarget) -> None:
         self.of(target).check_login(target)

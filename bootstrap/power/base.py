@@ -181,7 +181,7 @@ class PowerDriver(abc.ABC):
         with self.session(target) as sess:
             return self._retrying(sess, "identify", self._identify)[0]
 
-    def machines(self, target: BmcTarget, *, quick_login: bool = False) -> list[Machine]:
+    def list_machines(self, target: BmcTarget, *, quick_login: bool = False) -> list[Machine]:
         """Log in to an endpoint and list the machines behind it (discovery)."""
         with self.session(target, quick_login=quick_login) as sess:
             return self._retrying(sess, "identify", lambda conn: self._machines(target, conn))[0]

@@ -11,9 +11,9 @@ import dataclasses
 import uuid
 from collections import deque
 
-from ..errors import BmcAuthError, BmcError, BmcTimeout
-from ..models import BmcAddress, BmcIdentity, Credential
-from .base import BmcTarget, PowerDriver
+from ..errors import BmcAuthError, BmcError, BmcLoginTimeout, BmcTimeout
+from ..models import IPMI, BmcAddress, BmcIdentity, Credential
+from .base import BmcTarget, Machine, PowerDriver
 
 
 @dataclasses.dataclass
@@ -24,6 +24,9 @@ class FakeMachine:
     bootdev: str = "disk"
     persistent: bool = False
     guid: str = dataclasses.field(default_factory=lambda: str(uuid.uuid4()))
+    #: give no answer to a login as an unknown user (many real BMCs do), instead of refusing
+    silent_unknown_user: bool = False
+    macs: tuple[str, ...] = ()
     #: power changes take effect after this many further status reads
     settle_reads: int = 0
     #: errors raised, one per call, before calls start to succeed
@@ -43,6 +46,13 @@ class FakePowerDriver(PowerDriver):
 
     def _machine(self, target: BmcTarget, call: str) -> FakeMachine:
         machine = self.machines.get(target.address)
+        if machine is None and target.address.driver != IPMI and not target.address.path:
+            # a service: it answers (and checks logins) as its first machine
+            machine = next(
+                (m for a, m in sorted(self.machines.items(), key=lambda kv: str(kv[0]))
+                 if a.service == target.address),
+                None,
+            )  # fmt: skip
         if machine is None:
             raise BmcTimeout(f"BMC {target.address}: no answer", node=target.label)
         machine.calls.append(call)
@@ -54,6 +64,10 @@ class FakePowerDriver(PowerDriver):
         machine = self._machine(target, "login")
         cred = target.credential
         valid = {machine.username: machine.password, **machine.users}
+        if cred.username not in valid and machine.silent_unknown_user:
+            raise BmcLoginTimeout(
+                f"BMC {target.address}: no answer to the login", node=target.label
+            )
         if valid.get(cred.username) != cred.password.reveal():
             raise BmcAuthError(f"BMC {target.address} refused the login", node=target.label)
         return target
@@ -81,7 +95,19 @@ class FakePowerDriver(PowerDriver):
 
     def _identify(self, conn: BmcTarget) -> BmcIdentity:
         machine = self._machine(conn, "identify")
-        return BmcIdentity(guid=machine.guid, power=machine.power)
+        return BmcIdentity(guid=machine.guid, power=machine.power, macs=machine.macs)
+
+    def _machines(self, target: BmcTarget, conn: BmcTarget) -> list[Machine]:
+        """A Redfish-like service address (no path) lists the machines at paths under it."""
+        address = target.address
+        if address.driver == IPMI or address.path:
+            return super()._machines(target, conn)
+        self._machine(target, "list")
+        return [
+            Machine(a, self._identify(dataclasses.replace(target, address=a)))
+            for a in sorted(self.machines, key=str)
+            if a.service == address and a.path
+        ]
 
     def _ensure_user(self, conn: BmcTarget, credential: Credential) -> None:
         machine = self._machine(conn, f"user {credential.username}")

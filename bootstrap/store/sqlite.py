@@ -36,6 +36,9 @@ CREATE TABLE IF NOT EXISTS nodes (
     guid        TEXT UNIQUE,
     bmc_host    TEXT,
     bmc_port    INTEGER,
+    bmc_driver  TEXT NOT NULL DEFAULT 'ipmi',
+    bmc_scheme  TEXT NOT NULL DEFAULT '',
+    bmc_path    TEXT NOT NULL DEFAULT '',
     state       TEXT NOT NULL,
     reason      TEXT NOT NULL DEFAULT '',
     state_since REAL NOT NULL,
@@ -43,7 +46,6 @@ CREATE TABLE IF NOT EXISTS nodes (
     updated     REAL NOT NULL,
     facts       TEXT NOT NULL DEFAULT '{}'
 );
-CREATE UNIQUE INDEX IF NOT EXISTS nodes_bmc ON nodes (bmc_host, bmc_port);
 CREATE TABLE IF NOT EXISTS events (
     id      INTEGER PRIMARY KEY AUTOINCREMENT,
     node_id TEXT NOT NULL REFERENCES nodes (id),
@@ -61,6 +63,26 @@ CREATE TABLE IF NOT EXISTS credentials (
     pending_secret   BLOB
 );
 """
+
+
+#: columns added since the first schema: (table, column, declaration)
+NODE_COLUMNS = (
+    ("nodes", "bmc_driver", "TEXT NOT NULL DEFAULT 'ipmi'"),
+    ("nodes", "bmc_scheme", "TEXT NOT NULL DEFAULT ''"),
+    ("nodes", "bmc_path", "TEXT NOT NULL DEFAULT ''"),
+)
+#: one node per BMC endpoint: an IPMI BMC, or one System of a Redfish service
+NODE_INDEXES = """
+DROP INDEX IF EXISTS nodes_bmc;
+CREATE UNIQUE INDEX IF NOT EXISTS nodes_bmc_endpoint ON nodes (bmc_host, bmc_port, bmc_path);
+"""
+#: the WHERE clause naming one BMC endpoint; its arguments come from ``_bmc_key``
+BMC_IS = "bmc_host=? AND bmc_port=? AND bmc_path=?"
+BMC_CLEARED = "bmc_host=NULL, bmc_port=NULL, bmc_driver='ipmi', bmc_scheme='', bmc_path=''"
+
+
+def _bmc_key(bmc: BmcAddress) -> tuple[str, int, str]:
+    return (bmc.host, bmc.port, bmc.path)
 
 
 def node_id_for(guid: str | None, bmc: BmcAddress | None, mac: str | None = None) -> str:
@@ -94,10 +116,11 @@ class SqliteStore(BootTablesMixin, EnlistTablesMixin, ClusterTablesMixin):
                 conn.execute("PRAGMA synchronous=NORMAL")
                 conn.execute("PRAGMA foreign_keys=ON")
                 conn.executescript(SCHEMA + BOOT_SCHEMA + ENLIST_SCHEMA + CLUSTER_SCHEMA)
-                for table, column, declaration in BOOT_COLUMNS:  # older state dirs
+                for table, column, declaration in NODE_COLUMNS + BOOT_COLUMNS:  # older dirs
                     have = {r["name"] for r in conn.execute(f"PRAGMA table_info({table})")}
                     if column not in have:
                         conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+                conn.executescript(NODE_INDEXES)
                 conn.execute(
                     "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)",
                     (str(SCHEMA_VERSION),),
@@ -144,7 +167,15 @@ class SqliteStore(BootTablesMixin, EnlistTablesMixin, ClusterTablesMixin):
 
     @staticmethod
     def _node(row: sqlite3.Row) -> Node:
-        bmc = BmcAddress(row["bmc_host"], row["bmc_port"]) if row["bmc_host"] else None
+        bmc = None
+        if row["bmc_host"]:
+            bmc = BmcAddress(
+                row["bmc_host"],
+                row["bmc_port"],
+                row["bmc_driver"],
+                row["bmc_scheme"],
+                row["bmc_path"],
+            )
         return Node(
             id=row["id"],
             state=NodeState(row["state"]),
@@ -220,12 +251,10 @@ class SqliteStore(BootTablesMixin, EnlistTablesMixin, ClusterTablesMixin):
             taken = conn.execute("SELECT 1 FROM nodes WHERE id=?", (node_id,)).fetchone()
         if bmc is not None:
             for row in conn.execute(
-                "SELECT id FROM nodes WHERE bmc_host=? AND bmc_port=?", (bmc.host, bmc.port)
+                f"SELECT id FROM nodes WHERE {BMC_IS}", _bmc_key(bmc)
             ).fetchall():
                 # The address now answers for another machine: the old node lets go.
-                conn.execute(
-                    "UPDATE nodes SET bmc_host=NULL, bmc_port=NULL WHERE id=?", (row["id"],)
-                )
+                conn.execute(f"UPDATE nodes SET {BMC_CLEARED} WHERE id=?", (row["id"],))
                 self._insert_event(
                     conn,
                     row["id"],
@@ -235,13 +264,17 @@ class SqliteStore(BootTablesMixin, EnlistTablesMixin, ClusterTablesMixin):
                 )
         try:
             conn.execute(
-                "INSERT INTO nodes (id, guid, bmc_host, bmc_port, state, reason, state_since,"
-                " created, updated, facts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO nodes (id, guid, bmc_host, bmc_port, bmc_driver, bmc_scheme,"
+                " bmc_path, state, reason, state_since, created, updated, facts)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     node_id,
                     guid,
                     bmc.host if bmc else None,
                     bmc.port if bmc else None,
+                    bmc.driver if bmc else "ipmi",
+                    bmc.scheme if bmc else "",
+                    bmc.path if bmc else "",
                     str(state),
                     reason,
                     now,
@@ -272,9 +305,7 @@ class SqliteStore(BootTablesMixin, EnlistTablesMixin, ClusterTablesMixin):
         except ValueError:
             bmc = None
         if bmc is not None:
-            rows = self._read(
-                "SELECT * FROM nodes WHERE bmc_host=? AND bmc_port=?", (bmc.host, bmc.port)
-            )
+            rows = self._read(f"SELECT * FROM nodes WHERE {BMC_IS}", _bmc_key(bmc))
             if not rows and ":" not in ref:
                 rows = self._read("SELECT * FROM nodes WHERE bmc_host=?", (ref,))
             if len(rows) == 1:
@@ -288,13 +319,11 @@ class SqliteStore(BootTablesMixin, EnlistTablesMixin, ClusterTablesMixin):
         return self._node(rows[0]) if rows else None
 
     def node_by_bmc(self, bmc: BmcAddress) -> Node | None:
-        rows = self._read(
-            "SELECT * FROM nodes WHERE bmc_host=? AND bmc_port=?", (bmc.host, bmc.port)
-        )
+        rows = self._read(f"SELECT * FROM nodes WHERE {BMC_IS}", _bmc_key(bmc))
         return self._node(rows[0]) if rows else None
 
     def list_nodes(self, states: Iterable[NodeState] | None = None) -> list[Node]:
-        rows = self._read("SELECT * FROM nodes ORDER BY bmc_host, bmc_port, id")
+        rows = self._read("SELECT * FROM nodes ORDER BY bmc_host, bmc_port, bmc_path, id")
         nodes = [self._node(r) for r in rows]
         if states is not None:
             wanted = set(states)
@@ -324,12 +353,11 @@ class SqliteStore(BootTablesMixin, EnlistTablesMixin, ClusterTablesMixin):
             if bmc is not None:
                 # Another (stale) node may still claim this address: the BMC moved.
                 conn.execute(
-                    "UPDATE nodes SET bmc_host=NULL, bmc_port=NULL"
-                    " WHERE bmc_host=? AND bmc_port=? AND id<>?",
-                    (bmc.host, bmc.port, node_id),
+                    f"UPDATE nodes SET {BMC_CLEARED} WHERE {BMC_IS} AND id<>?",
+                    (*_bmc_key(bmc), node_id),
                 )
-                sets += ["bmc_host=?", "bmc_port=?"]
-                args += [bmc.host, bmc.port]
+                sets += ["bmc_host=?", "bmc_port=?", "bmc_driver=?", "bmc_scheme=?", "bmc_path=?"]
+                args += [bmc.host, bmc.port, bmc.driver, bmc.scheme, bmc.path]
             try:
                 conn.execute(f"UPDATE nodes SET {', '.join(sets)} WHERE id=?", (*args, node_id))
             except sqlite3.IntegrityError as exc:

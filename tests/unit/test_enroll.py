@@ -32,7 +32,7 @@ def make(store, machines, candidates=(FACTORY,), **kwargs):
 
 def test_first_enroll_creates_an_enrolled_node_with_its_login(store):
     machine = FakeMachine(password="factory")
-    result = make(store, {A1: machine}).enroll(A1)
+    [result] = make(store, {A1: machine}).enroll(A1)
     assert result.error is None and result.state == "enrolled"
     node = store.find_node(machine.guid)
     assert node.state == NodeState.ENROLLED and node.bmc == A1
@@ -52,7 +52,7 @@ def test_rerun_is_idempotent(store):
 def test_changed_address_updates_not_duplicates(store):
     machine = FakeMachine(password="factory")
     make(store, {A1: machine}).enroll(A1)
-    result = make(store, {A2: machine}).enroll(A2)
+    [result] = make(store, {A2: machine}).enroll(A2)
     [node] = store.list_nodes()
     assert node.bmc == A2 and result.node == node.id
     assert any("changed" in e.message for e in store.events(node.id))
@@ -60,15 +60,15 @@ def test_changed_address_updates_not_duplicates(store):
 
 def test_credentials_are_tried_in_order(store):
     machine = FakeMachine(username="root", password="calvin")
-    result = make(store, {A1: machine}, candidates=[FACTORY, Credential("root", "calvin")]).enroll(
-        A1
-    )
+    [result] = make(
+        store, {A1: machine}, candidates=[FACTORY, Credential("root", "calvin")]
+    ).enroll(A1)
     assert result.username == "root"
     assert machine.calls.count("login") == 2
 
 
 def test_no_working_login_records_a_discovered_node_with_the_reason(store):
-    result = make(store, {A1: FakeMachine(password="other")}).enroll(A1)
+    [result] = make(store, {A1: FakeMachine(password="other")}).enroll(A1)
     assert result.state == "discovered" and "refused every login" in result.error
     [node] = store.list_nodes()
     assert node.guid is None and node.bmc == A1 and "users: admin" in node.reason
@@ -84,13 +84,13 @@ def test_later_success_fills_in_the_placeholder(store):
 
 
 def test_unreachable_bmc_is_an_error_result_not_an_exception(store):
-    result = make(store, {}).enroll(A1)
+    [result] = make(store, {}).enroll(A1)
     assert isinstance(result.error, str) and "no answer" in result.error
 
 
 def test_rotation_creates_a_dedicated_user_and_records_it(store):
     machine = FakeMachine(password="factory")
-    result = make(store, {A1: machine}, rotate=True).enroll(A1)
+    [result] = make(store, {A1: machine}, rotate=True).enroll(A1)
     assert result.rotated and result.username == "metalseed"
     node = store.find_node(machine.guid)
     cred = store.get_credential(node.id)
@@ -102,7 +102,7 @@ def test_rotation_creates_a_dedicated_user_and_records_it(store):
 def test_rotation_is_not_repeated(store):
     machines = {A1: FakeMachine(password="factory")}
     make(store, machines, rotate=True).enroll(A1)
-    again = make(store, machines, rotate=True).enroll(A1)
+    [again] = make(store, machines, rotate=True).enroll(A1)
     assert not again.rotated and again.username == "metalseed"
 
 
@@ -138,7 +138,7 @@ def test_a_crash_at_any_rotation_step_never_locks_us_out(store, step):
     ]
     drv = FakePowerDriver({A1: machine}, attempts=1)
     assert any(_works(drv, c) for c in logins)
-    result = make(store, {A1: machine}, rotate=True).enroll(A1)
+    [result] = make(store, {A1: machine}, rotate=True).enroll(A1)
     assert result.error is None and result.username == "metalseed"
     final = store.get_credential(node.id)
     assert _works(drv, final) and store.get_pending_credential(node.id) is None
@@ -161,7 +161,7 @@ def test_failed_rotation_keeps_the_working_login(store):
         raise BmcTimeout("BMC went away")
 
     enroller.driver._ensure_user = fail
-    result = enroller.enroll(A1)
+    [result] = enroller.enroll(A1)
     assert "rotation failed" in result.error and result.username == "admin"
     node = store.find_node(machine.guid)
     assert store.get_credential(node.id) == FACTORY
@@ -177,7 +177,76 @@ def test_a_machine_that_enlisted_first_is_the_same_node_when_its_bmc_is_found(st
     swapped = str(uuid.UUID(bytes_le=uuid.UUID(machine.guid).bytes))
     assert swapped != machine.guid
     enlisted = store.create_node(guid=swapped, bmc=None, state=NodeState.BOOTING)
-    result = make(store, {A1: machine}).enroll(A1)
+    [result] = make(store, {A1: machine}).enroll(A1)
     assert result.error is None and result.node == enlisted.id
     [node] = store.list_nodes()
     assert node.bmc == A1 and node.state == NodeState.BOOTING
+
+
+# -- BMCs that stay silent for unknown users ------------------------------------------------
+
+
+def test_a_silent_wrong_username_costs_one_quick_login_then_the_next_is_tried(store):
+    machine = FakeMachine(username="root", password="calvin", silent_unknown_user=True)
+    wrong, right = Credential("nobody", "x"), Credential("root", "calvin")
+    [result] = make(store, {A1: machine}, candidates=[wrong, right]).enroll(A1)
+    assert result.error is None and result.state == "enrolled" and result.username == "root"
+    assert machine.calls.count("login") == 2  # one quick try of the silent one, then the right
+
+
+def test_a_bmc_silent_to_every_login_is_retried_once_then_reported(store):
+    machine = FakeMachine(username="root", password="calvin", silent_unknown_user=True)
+    candidates = [Credential("nobody", "x"), Credential("guest", "y")]
+    enroller = make(store, {A1: machine}, candidates=candidates)
+    enroller.driver.attempts = 2
+    [result] = enroller.enroll(A1)
+    assert result.state == "discovered"
+    assert "no answer to a login as: nobody, guest" in result.error
+    # a quick pass (one login each), then a pass with the driver's retries (two each)
+    assert machine.calls.count("login") == 2 + 2 * 2
+
+
+# -- a Redfish-like service with several machines --------------------------------------------
+
+SERVICE = BmcAddress.redfish("http", "10.0.1.1", 8000)
+
+
+def system(n: int) -> BmcAddress:
+    return BmcAddress.redfish("http", "10.0.1.1", 8000, f"/redfish/v1/Systems/s{n}")
+
+
+def test_a_service_with_several_systems_makes_one_node_each(store):
+    machines = {
+        system(n): FakeMachine(password="factory", macs=(f"52:54:00:00:00:0{n}",))
+        for n in (1, 2, 3)
+    }
+    results = make(store, machines).enroll(SERVICE)
+    assert [r.state for r in results] == ["enrolled"] * 3
+    nodes = {n.bmc: n for n in store.list_nodes()}
+    assert set(nodes) == set(machines)
+    for address, machine in machines.items():
+        assert nodes[address].guid == machine.guid
+        assert nodes[address].bmc.driver == "redfish"
+        assert nodes[address].facts["macs"] == list(machine.macs)
+    again = make(store, machines).enroll(SERVICE)  # idempotent
+    assert len(store.list_nodes()) == 3 and [r.node for r in again] == [r.node for r in results]
+
+
+def test_rotation_on_a_service_is_one_account_for_all_its_systems(store):
+    shared_users: dict[str, str] = {}
+    machines = {system(n): FakeMachine(password="factory", users=shared_users) for n in (1, 2)}
+    results = make(store, machines, rotate=True).enroll(SERVICE)
+    assert all(r.rotated and r.username == "metalseed" for r in results)
+    assert list(shared_users) == ["metalseed"]
+    creds = {store.get_credential(n.id) for n in store.list_nodes()}
+    assert len(creds) == 1 and creds.pop().username == "metalseed"
+
+
+def test_a_machine_driven_over_ipmi_is_not_moved_to_its_redfish_side(store):
+    machine = FakeMachine(password="factory")
+    make(store, {A1: machine}).enroll(A1)
+    [result] = make(store, {system(1): machine}).enroll(SERVICE)
+    [node] = store.list_nodes()
+    assert node.bmc == A1 and store.get_credential(node.id) == FACTORY
+    assert node.facts["other_bmcs"] == {"redfish": str(system(1))}
+    assert "already driven over ipmi" in result.error

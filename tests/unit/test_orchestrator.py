@@ -27,7 +27,7 @@ POLICY = Policy(auto_boot=True, boot_attempts=2, boot_timeout=100.0, retry_delay
 def enroll(store, machines):
     driver = FakePowerDriver(machines, attempts=1, sleep=lambda s: None)
     enroller = Enroller(store, driver, [FACTORY])
-    return [store.get_node(enroller.enroll(a).node) for a in machines]
+    return [store.get_node(enroller.enroll(a)[0].node) for a in machines]
 
 
 def orchestrator(store, machines, clock, **run):

@@ -176,3 +176,40 @@ def test_crash_mid_transition_leaves_the_node_as_it_was(store, tmp_path):
     assert [e.data.get("to") for e in reopened.events(node.id)] == ["discovered"]
     # and the store is fully usable after the crash
     assert reopened.transition(node.id, S.ENROLLED).state == S.ENROLLED
+
+
+def test_a_redfish_system_address_round_trips_and_finds_its_node(store):
+    system = BmcAddress.parse("redfish+http://127.0.0.1:8000/redfish/v1/Systems/abc")
+    other = BmcAddress.parse("redfish+http://127.0.0.1:8000/redfish/v1/Systems/def")
+    node = store.create_node(guid=GUID, bmc=system, state=S.DISCOVERED)
+    second = store.create_node(guid=None, bmc=other, state=S.DISCOVERED)
+    assert store.get_node(node.id).bmc == system and system.driver == "redfish"
+    assert store.node_by_bmc(system).id == node.id  # two Systems of one service: two nodes
+    assert store.node_by_bmc(other).id == second.id
+    assert store.find_node(str(system)).id == node.id
+    assert node.to_json()["driver"] == "redfish"
+
+
+def test_a_state_dir_from_before_redfish_is_migrated(tmp_path):
+    db = tmp_path / "state.db"
+    old = sqlite3.connect(db)
+    old.executescript(
+        """
+        CREATE TABLE nodes (id TEXT PRIMARY KEY, guid TEXT UNIQUE, bmc_host TEXT,
+            bmc_port INTEGER, state TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '',
+            state_since REAL NOT NULL, created REAL NOT NULL, updated REAL NOT NULL,
+            facts TEXT NOT NULL DEFAULT '{}');
+        CREATE UNIQUE INDEX nodes_bmc ON nodes (bmc_host, bmc_port);
+        INSERT INTO nodes VALUES ('node-1', NULL, '10.0.0.1', 623, 'discovered', '', 1, 1, 1, '{}');
+        """
+    )
+    old.close()
+    store = SqliteStore(db, SecretBox(tmp_path / "secret.key"))
+    [node] = store.list_nodes()
+    assert node.bmc == BmcAddress("10.0.0.1", 623) and node.bmc.driver == "ipmi"
+    # the old (host, port) uniqueness is gone: two Systems behind one service may coexist
+    for name in ("a", "b"):
+        address = BmcAddress.redfish("https", "10.0.0.2", 443, f"/redfish/v1/Systems/{name}")
+        store.create_node(guid=None, bmc=address, state=S.DISCOVERED)
+    assert len(store.list_nodes()) == 3
+    store.close()
