@@ -17,7 +17,7 @@ from .discovery.sweep import Progress
 from .errors import IllegalTransition, MetalseedError, NotFoundError, UsageError
 from .models import BmcAddress, Node
 from .parallel import Outcome, run_all
-from .power import driver_for
+from .power import Drivers
 from .power.base import BmcTarget, PowerDriver
 from .secretbox import SecretBox
 from .states import TRANSITIONS, NodeState
@@ -31,8 +31,9 @@ def open_store(config: Config) -> SqliteStore:
     return SqliteStore(config.db_path, SecretBox(config.key_path))
 
 
-def power_driver(config: Config, name: str = "ipmi") -> PowerDriver:
-    return driver_for(name, config.bmc)
+def power_driver(config: Config) -> Drivers:
+    """The power drivers: each node's own (IPMI or Redfish) is chosen at every call."""
+    return Drivers(config.bmc)
 
 
 def resolve_nodes(store: StateStore, refs: Sequence[str], all_nodes: bool) -> list[Node]:
@@ -65,11 +66,18 @@ class NodeOutcome:
     changed: bool = False
     seconds: float = 0.0
     error: MetalseedError | None = None
+    driver: str | None = None
+
+    @classmethod
+    def of(cls, node: Node, **kwargs) -> NodeOutcome:
+        bmc = node.bmc
+        return cls(node.id, str(bmc) if bmc else None, driver=bmc.driver if bmc else None, **kwargs)
 
     def to_json(self) -> dict:
         return {
             "node": self.node,
             "bmc": self.bmc,
+            "driver": self.driver,
             "power": self.power,
             "changed": self.changed,
             "seconds": round(self.seconds, 3),
@@ -90,7 +98,7 @@ def _fail_node(store: StateStore, node: Node, reason: str) -> None:
 
 def power(
     store: StateStore,
-    driver: PowerDriver,
+    driver: Drivers | PowerDriver,
     nodes: Sequence[Node],
     action: str,
     *,
@@ -104,14 +112,13 @@ def power(
     """
 
     def job(node: Node) -> NodeOutcome:
-        bmc = str(node.bmc) if node.bmc else None
         try:
             target = bmc_target(store, node)
             if action == "status":
                 state = driver.power_state(target)
                 if node.facts.get("power") != state:  # a read that changes nothing writes nothing
                     store.update_node(node.id, facts={"power": state})
-                return NodeOutcome(node.id, bmc, state)
+                return NodeOutcome.of(node, power=state)
             result = driver.set_power(target, action)
         except MetalseedError as exc:
             exc.node = None  # the outcome names the node already
@@ -120,7 +127,7 @@ def power(
                 store.add_event(node.id, "power", f"power status failed: {exc}")
             else:
                 _fail_node(store, node, f"power {action} failed: {exc}")
-            return NodeOutcome(node.id, bmc, error=exc)
+            return NodeOutcome.of(node, error=exc)
         store.update_node(node.id, facts={"power": result.power})
         message = (
             f"power {action}: now {result.power} after {result.seconds:.2f} s"
@@ -128,14 +135,16 @@ def power(
             else f"power {action}: already {result.power}"
         )
         store.add_event(node.id, "power", message, {"action": action, "power": result.power})
-        return NodeOutcome(node.id, bmc, result.power, result.changed, result.seconds)
+        return NodeOutcome.of(
+            node, power=result.power, changed=result.changed, seconds=result.seconds
+        )
 
     return _each(job, nodes, concurrency, on_done, deadline)
 
 
 def boot_device(
     store: StateStore,
-    driver: PowerDriver,
+    driver: Drivers | PowerDriver,
     nodes: Sequence[Node],
     device: str,
     persistent: bool,
@@ -145,13 +154,12 @@ def boot_device(
     deadline: float | None = None,
 ) -> list[NodeOutcome]:
     def job(node: Node) -> NodeOutcome:
-        bmc = str(node.bmc) if node.bmc else None
         try:
             driver.set_boot_device(bmc_target(store, node), device, persistent)
         except MetalseedError as exc:
             exc.node = None
             store.add_event(node.id, "bootdev", f"boot device {device} failed: {exc}")
-            return NodeOutcome(node.id, bmc, error=exc)
+            return NodeOutcome.of(node, error=exc)
         scope = "every boot" if persistent else "next boot"
         store.update_node(node.id, facts={"bootdev": device, "bootdev_persistent": persistent})
         store.add_event(
@@ -160,8 +168,8 @@ def boot_device(
             f"boot device {device} for {scope}",
             {"device": device, "persistent": persistent},
         )
-        return NodeOutcome(
-            node.id, bmc, power=str(store.get_node(node.id).facts.get("power", "unknown"))
+        return NodeOutcome.of(
+            node, power=str(store.get_node(node.id).facts.get("power", "unknown"))
         )
 
     return _each(job, nodes, concurrency, on_done, deadline)
@@ -181,21 +189,35 @@ def _each(job, nodes, concurrency, on_done, deadline=None) -> list[NodeOutcome]:
         describe=lambda node: f"{node.id} (BMC {node.bmc})",
     )
     return [
-        o.result if o.result is not None else NodeOutcome(o.item.id, None, error=o.error)
+        o.result if o.result is not None else NodeOutcome.of(o.item, error=o.error)
         for o in outcomes
     ]
 
 
 def _already_enrolled(store: StateStore) -> Callable[[BmcAddress], bool]:
-    settled = {NodeState.DISCOVERED, NodeState.RETIRED}
+    """True for an endpoint with a node behind it that has a working login.
 
-    def known(address: BmcAddress) -> bool:
-        node = store.node_by_bmc(address)
+    A Redfish service counts as known once one of its Systems is: a periodic
+    sweep does not log in to it again (a System added to a multi-System
+    service is found by ``metalseed discover``).
+    """
+    settled = {NodeState.DISCOVERED, NodeState.RETIRED}
+    services: dict[BmcAddress, list[Node]] = {}
+    for node in store.list_nodes():
+        if node.bmc is not None and node.bmc.path:
+            services.setdefault(node.bmc.service, []).append(node)
+
+    def usable(node: Node | None) -> bool:
         return (
             node is not None
             and node.state not in settled
             and store.get_credential(node.id) is not None
         )
+
+    def known(address: BmcAddress) -> bool:
+        if address.driver == "ipmi":
+            return usable(store.node_by_bmc(address))
+        return any(usable(n) for n in services.get(address.service, ()))
 
     return known
 
@@ -203,7 +225,7 @@ def _already_enrolled(store: StateStore) -> Callable[[BmcAddress], bool]:
 def run_discovery(
     config: Config,
     store: StateStore,
-    driver: PowerDriver,
+    driver: Drivers | PowerDriver,
     ranges: Sequence[str],
     *,
     on_probe: Progress | None = None,

@@ -104,8 +104,9 @@ def nodes_list(obj: Ctx, states: tuple[str, ...], as_json: bool) -> int:
         user = cred.username if cred else ""
         power = n.facts.get("power", "")
         since = ui.ago(n.state_since)
-        rows.append((n.id, n.state, n.bmc, user, power, n.guid or "", since, n.reason))
-    headers = ["node", "state", "bmc", "bmc user", "power", "guid", "since", "reason"]
+        driver = n.bmc.driver if n.bmc else ""
+        rows.append((n.id, n.state, driver, n.bmc, user, power, n.guid or "", since, n.reason))
+    headers = ["node", "state", "driver", "bmc", "bmc user", "power", "guid", "since", "reason"]
     ui.print_table(headers, rows)
     return 0
 
@@ -134,6 +135,7 @@ def nodes_show(obj: Ctx, node: str, as_json: bool) -> int:
         ("reason", found.reason),
         ("since", ui.ago(found.state_since)),
         ("guid", found.guid),
+        ("driver", found.bmc.driver if found.bmc else "(none)"),
         ("bmc", found.bmc),
         ("bmc user", cred.username if cred else "(none)"),
     ]
@@ -258,7 +260,9 @@ def discover(
     """Sweep RANGEs for BMCs and enroll the machines behind them.
 
     RANGE is a CIDR (10.0.8.0/22), a range (10.0.8.10-40 or A-B) or an
-    address, each optionally :PORT.
+    address, each optionally :PORT: IPMI BMCs. Prefixed with redfish://
+    (HTTPS) or redfish+http://, the same forms (or a host name) name Redfish
+    services; every System of each becomes a node.
     """
     config = obj.config(
         **{
@@ -290,6 +294,7 @@ def discover(
         rows = [
             (
                 r.node,
+                r.bmc.driver,
                 r.bmc,
                 r.guid,
                 r.state,
@@ -300,7 +305,8 @@ def discover(
             )
             for r in results
         ]
-        ui.print_table(["node", "bmc", "guid", "state", "power", "user", "rotated", "error"], rows)
+        headers = ["node", "driver", "bmc", "guid", "state", "power", "user", "rotated", "error"]
+        ui.print_table(headers, rows)
         ok = sum(1 for r in results if not r.error)
         click.echo(
             f"probed {report.sweep.probed} addresses, {len(results)} BMCs answered, "
@@ -325,6 +331,7 @@ def _print_outcomes(outcomes, as_json: bool, what: str) -> None:
     rows = [
         (
             o.node,
+            o.driver or "",
             o.bmc,
             o.power,
             "yes" if o.changed else "",
@@ -333,7 +340,7 @@ def _print_outcomes(outcomes, as_json: bool, what: str) -> None:
         )
         for o in outcomes
     ]
-    ui.print_table(["node", "bmc", "power", "changed", "seconds", "error"], rows)
+    ui.print_table(["node", "driver", "bmc", "power", "changed", "seconds", "error"], rows)
     failed = sum(1 for o in outcomes if o.error)
     if failed:
         click.echo(f"{what}: {failed} of {len(outcomes)} nodes failed", err=True)

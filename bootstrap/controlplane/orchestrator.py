@@ -33,6 +33,7 @@ from ..config import Config
 from ..errors import ConcurrentUpdate, IllegalTransition, MetalseedError
 from ..models import Node
 from ..parallel import run_all
+from ..power import Drivers
 from ..power.base import PowerDriver
 from ..states import NodeState
 from ..store import StateStore
@@ -158,7 +159,7 @@ class Orchestrator:
         self,
         config: Config,
         store: StateStore,
-        driver: PowerDriver,
+        driver: Drivers | PowerDriver,
         *,
         sweep: Callable[[], object] | None = None,
         clock: Callable[[], float] = time.time,

@@ -17,6 +17,10 @@ from .sweep import Progress, SweepResult, sweep
 __all__ = ["DiscoveryReport", "Enroller", "EnrollResult", "discover", "load_credentials"]
 
 
+#: what a credentials line may hold (Redfish); the IPMI driver skips longer than 16/20 bytes
+MAX_USERNAME, MAX_PASSWORD = 64, 128
+
+
 def load_credentials(path: Path) -> list[Credential]:
     """``username:password`` per line; blank lines and ``#`` comments skipped.
 
@@ -44,8 +48,12 @@ def load_credentials(path: Path) -> list[Credential]:
         username, sep, password = line.partition(":")
         if not sep or not username or not password:
             raise UsageError(f"{path}, line {number}: expected username:password")
-        if len(username.encode()) > 16 or len(password.encode()) > 20:
-            raise UsageError(f"{path}, line {number}: IPMI allows 16-byte users, 20-byte passwords")
+        if len(username.encode()) > MAX_USERNAME or len(password.encode()) > MAX_PASSWORD:
+            raise UsageError(
+                f"{path}, line {number}: at most {MAX_USERNAME}-byte users and "
+                f"{MAX_PASSWORD}-byte passwords (IPMI itself takes 16 and 20: longer ones "
+                "are tried on Redfish services only)"
+            )
         creds.append(Credential(username, password))
     if not creds:
         raise UsageError(f"credentials file {path} has no username:password lines")

@@ -1,15 +1,19 @@
 """Parse sweep targets: ``CIDR``, ``A-B``, ``A`` — each optionally ``:PORT``. Pure.
 
-Examples: ``10.0.8.0/22``, ``10.0.8.10-10.0.8.40``, ``10.0.8.10-40``,
-``10.0.8.7:6230``, ``127.0.0.0/24:6230``.
+IPMI BMCs: ``10.0.8.0/22``, ``10.0.8.10-10.0.8.40``, ``10.0.8.10-40``,
+``10.0.8.7:6230``, ``127.0.0.0/24:6230``. Redfish services: the same forms
+after ``redfish://`` (HTTPS, port 443 unless given) or ``redfish+http://``
+(port 80), and a single host name too (``redfish://bmc7.rack2.example``: an
+HTTPS certificate names hosts, not addresses).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 
 from ..errors import UsageError
-from ..models import BmcAddress
+from ..models import DEFAULT_PORTS, REDFISH, REDFISH_SCHEMES, BmcAddress
 
 MAX_ADDRESSES = 65536
 
@@ -30,8 +34,36 @@ def _addr(text: str, whole: str) -> ipaddress.IPv4Address:
         raise UsageError(f"{whole!r}: {text!r} is not an IPv4 address") from None
 
 
+_LABEL = r"[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?"
+_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
+
+
 def parse_range(text: str, default_port: int = 623) -> list[BmcAddress]:
-    spec, port = _split_port(text.strip(), default_port)
+    text = text.strip()
+    word, sep, rest = text.partition("://")
+    if sep:
+        scheme = REDFISH_SCHEMES.get(word.lower())
+        if scheme is None:
+            known = ", ".join(f"{k}://" for k in REDFISH_SCHEMES)
+            raise UsageError(f"{text!r}: unknown scheme {word!r}; use {known} or none (IPMI)")
+        rest = rest.rstrip("/")
+        if "/" in rest and not _looks_like_cidr(rest):
+            raise UsageError(f"{text!r}: give the service's host (and port), not a URL path")
+        port = DEFAULT_PORTS[(REDFISH, scheme)]
+        spec, port = _split_port(rest, port)
+        if any(c.isalpha() for c in spec) and _HOSTNAME.match(spec):
+            return [BmcAddress.redfish(scheme, spec.lower(), port)]
+        return [BmcAddress.redfish(scheme, a.host, port) for a in _hosts(spec, port, text)]
+    spec, port = _split_port(text, default_port)
+    return _hosts(spec, port, text)
+
+
+def _looks_like_cidr(text: str) -> bool:
+    head, _, tail = text.partition("/")
+    return tail.split(":")[0].isdigit() and head.replace(".", "").isdigit()
+
+
+def _hosts(spec: str, port: int, text: str) -> list[BmcAddress]:
     if "/" in spec:
         try:
             net = ipaddress.IPv4Network(spec, strict=False)

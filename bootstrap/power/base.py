@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from ..errors import BmcError, BmcLoginTimeout, PowerStateNotReached, RetryableError
+from ..errors import BmcAuthError, BmcError, BmcLoginTimeout, PowerStateNotReached, RetryableError
 from ..models import BmcAddress, BmcIdentity, Credential
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,8 @@ class PowerDriver(abc.ABC):
     """Base of every power driver. Subclasses implement the ``_primitives``."""
 
     name = "abstract"
+    #: the longest username and password (bytes) this kind of BMC takes; None: no limit
+    credential_limits: tuple[int, int] | None = None
 
     def __init__(
         self,
@@ -252,6 +254,17 @@ class _Session:
 
     def conn(self) -> object:
         if self._conn is None:
+            limits = self.driver.credential_limits
+            cred = self.target.credential
+            if limits and (
+                len(cred.username.encode()) > limits[0]
+                or len(cred.password.reveal().encode()) > limits[1]
+            ):
+                raise BmcAuthError(
+                    f"user {cred.username!r}: longer than a {self.driver.name} BMC takes "
+                    f"({limits[0]}-byte users, {limits[1]}-byte passwords); not tried",
+                    node=self.target.label,
+                )
             self._conn = self.driver._connect(self.target)
         return self._conn
 

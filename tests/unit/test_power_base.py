@@ -125,3 +125,12 @@ def test_backoff_doubles_without_jitter(clock):
     machine.errors.extend([BmcTimeout("no answer"), BmcTimeout("no answer")])
     assert driver(clock, machine, rng=Midpoint()).power_state(TARGET) == "off"
     assert clock.sleeps == [1.0, 2.0]
+
+
+def test_a_credential_too_long_for_the_kind_of_bmc_is_refused_without_a_login(clock):
+    machine = FakeMachine(password="p" * 30)
+    drv = driver(clock, machine)
+    drv.credential_limits = (16, 20)
+    with pytest.raises(BmcAuthError, match="longer than"):
+        drv.power_state(BmcTarget(ADDR, Credential("admin", "p" * 30)))
+    assert machine.calls == []

@@ -51,3 +51,36 @@ def test_single_address_and_dedup_in_order():
 def test_bad_ranges_are_usage_errors(text):
     with pytest.raises(UsageError):
         parse_range(text)
+
+
+def test_redfish_ranges_name_the_scheme_and_default_port():
+
+    [one] = parse_range("redfish://10.0.9.3")
+    assert one == BmcAddress.redfish("https", "10.0.9.3", 443) and one.driver == "redfish"
+    [plain] = parse_range("redfish+http://127.0.0.1:8000")
+    assert (plain.scheme, plain.port, plain.path) == ("http", 8000, "")
+    assert str(plain) == "redfish+http://127.0.0.1:8000"
+    assert BmcAddress.parse(str(plain)) == plain
+    many = parse_range("redfish+http://10.0.9.10-12:8080")
+    assert [a.host for a in many] == ["10.0.9.10", "10.0.9.11", "10.0.9.12"]
+    assert {a.port for a in many} == {8080}
+    assert len(parse_range("redfish://10.0.9.0/30")) == 2
+    [named] = parse_range("redfish://BMC7.rack2.example:8443/")
+    assert (named.host, named.port, named.scheme) == ("bmc7.rack2.example", 8443, "https")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["ftp://10.0.0.1", "redfish://10.0.0.1/redfish/v1", "redfish://10.0.0.1:99999", "redfish://"],
+)
+def test_bad_redfish_ranges_are_usage_errors(bad):
+    with pytest.raises(UsageError):
+        parse_range(bad)
+
+
+def test_a_system_address_parses_back_with_its_path():
+
+    text = "redfish://10.0.9.3:443/redfish/v1/Systems/System.Embedded.1"
+    address = BmcAddress.parse(text)
+    assert address.path == "/redfish/v1/Systems/System.Embedded.1" and str(address) == text
+    assert address.service == BmcAddress.redfish("https", "10.0.9.3")
