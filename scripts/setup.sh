@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   python3-venv python3-dev   # the venv is made from Debian's python3 (for python3-rados later)
   ipmitool                   # peer IPMI client: tests and the benchmark baseline
+  freeipmi-tools             # ipmipower: FreeIPMI's parallel power client, the power benchmark's peer
   openipmi                   # ipmi_sim: a BMC nobody here wrote, for the tests
   iproute2 procps iputils-ping  # ip, ps, ping for tests and the lab
   ipxe                       # undionly.kpxe, ipxe.efi, snponly.efi served over TFTP

@@ -80,3 +80,13 @@ def test_mutated_answers_parse_or_are_rejected_cleanly(pos, junk):
         parse_reply(bytes(good))
     except ProbeError:
         pass
+
+
+def test_a_redfish_service_root_is_recognised_and_anything_else_is_not():
+    from bootstrap.discovery.sweep import parse_service_root
+
+    reply = parse_service_root(b'{"RedfishVersion": "1.5.0", "UUID": "ABC-1", "Product": "iDRAC"}')
+    assert (reply.version, reply.uuid, reply.product) == ("1.5.0", "abc-1", "iDRAC")
+    for body in (b"<html>", b"[]", b'{"Name": "router"}', b'{"RedfishVersion": 5}', b"\xff"):
+        with pytest.raises(ValueError):
+            parse_service_root(body)
