@@ -257,7 +257,7 @@ class Enroller:
         machines: Sequence[Machine],
     ) -> list[EnrollResult]:
         placeholders = [n for n in known if n.guid is None]
-        results: list[EnrollResult] = []
+        results: list[EnrollResult] = self._gone(known, machines)
         driven: list[Node] = []
         for machine in machines:
             placeholder = placeholders.pop(0) if placeholders else None
@@ -274,6 +274,12 @@ class Enroller:
                     )
                 )
                 continue
+            if node.facts.get("bmc_gone"):
+                node = self.store.update_node(
+                    node.id,
+                    facts={"bmc_gone": False},
+                    event=("discovery", f"its Redfish System {node.bmc.path} is back"),
+                )
             if self.store.get_credential(node.id) != cred:
                 self.store.set_credential(
                     node.id, cred, message=f"BMC login works for user {cred.username}"
@@ -312,6 +318,28 @@ class Enroller:
                     else r
                     for r in results
                 ]
+        return results
+
+    def _gone(self, known: Sequence[Node], machines: Sequence[Machine]) -> list[EnrollResult]:
+        """Known Systems their service no longer lists: say so; a node being provisioned fails.
+
+        A running member is left as it is (the machine may well be running; only its
+        BMC side went away), with the event on it.
+        """
+        listed = {m.address for m in machines}
+        results = []
+        for node in known:
+            if node.bmc is None or not node.bmc.path or node.bmc in listed or node.guid is None:
+                continue
+            reason = f"its Redfish System {node.bmc.path} is gone from the service"
+            if node.state in (NodeState.ENROLLED, NodeState.BOOTING):
+                node = self.store.transition(node.id, NodeState.FAILED, reason)
+            elif not node.facts.get("bmc_gone"):
+                self.store.add_event(node.id, "discovery", reason)
+            self.store.update_node(node.id, facts={"bmc_gone": True})
+            results.append(
+                EnrollResult(node.bmc, node.id, node.guid, str(node.state), error=reason)
+            )
         return results
 
     def _rotate(self, endpoint: BmcAddress, nodes: Sequence[Node], working: Credential):

@@ -250,3 +250,18 @@ def test_a_machine_driven_over_ipmi_is_not_moved_to_its_redfish_side(store):
     assert node.bmc == A1 and store.get_credential(node.id) == FACTORY
     assert node.facts["other_bmcs"] == {"redfish": str(system(1))}
     assert "already driven over ipmi" in result.error
+
+
+def test_a_system_that_disappears_fails_a_node_in_provisioning_and_comes_back(store):
+    machines = {system(n): FakeMachine(password="factory") for n in (1, 2)}
+    make(store, machines).enroll(SERVICE)
+    gone = machines.pop(system(2))
+    results = make(store, machines).enroll(SERVICE)
+    node = store.find_node(gone.guid)
+    assert node.state == NodeState.FAILED and "is gone from the service" in node.reason
+    assert any(r.node == node.id and "gone" in (r.error or "") for r in results)
+    machines[system(2)] = gone
+    make(store, machines).enroll(SERVICE)
+    node = store.find_node(gone.guid)
+    assert node.state == NodeState.ENROLLED and node.facts["bmc_gone"] is False
+    assert any("is back" in e.message for e in store.events(node.id))

@@ -163,3 +163,23 @@ def test_a_periodic_sweep_logs_in_only_to_new_bmcs(store, tmp_path, monkeypatch)
     report = actions.run_discovery(config, store, driver, ["10.0.0.1-2"], only_new=True)
     assert [r.bmc for r in report.results] == [A2]
     assert "login" not in machines[A1].calls  # the enrolled one was not logged into again
+
+
+def test_ipmi_and_redfish_nodes_are_netbooted_alike_each_through_its_own_driver(store, clock):
+    from bootstrap.power import Drivers
+
+    redfish = BmcAddress.redfish("http", "10.0.1.1", 8000, "/redfish/v1/Systems/s1")
+    ipmi_bmcs = {A1: FakeMachine(password="factory")}
+    redfish_bmcs = {redfish: FakeMachine(password="factory", power="on")}
+    enroll(store, ipmi_bmcs)
+    enroll(store, redfish_bmcs)
+    kw = {"attempts": 1, "sleep": lambda s: None, "power_wait": 0.0}
+    drivers = Drivers(built={"ipmi": FakePowerDriver(ipmi_bmcs, **kw),
+                             "redfish": FakePowerDriver(redfish_bmcs, **kw)})  # fmt: skip
+    config = Config(run=dataclasses.replace(RunConfig(), tick=0.01))
+    Orchestrator(config, store, drivers, clock=clock).tick()
+    for machine in (*ipmi_bmcs.values(), *redfish_bmcs.values()):
+        assert machine.bootdev == "pxe" and machine.power == "on"
+    assert "power cycle" in redfish_bmcs[redfish].calls  # it was on: cycled
+    assert "power on" in ipmi_bmcs[A1].calls
+    assert {n.state for n in store.list_nodes()} == {NodeState.BOOTING}
