@@ -42,6 +42,8 @@ def _setup_logging(level: str) -> None:
     )
     # pyghmi and asyncio chatter is not the operator's business at INFO
     logging.getLogger("pyghmi").setLevel(logging.WARNING)
+    # sushy warns of every refused login and connection retry: discovery expects those
+    logging.getLogger("sushy").setLevel(logging.ERROR)
     logging.getLogger("asyncio").setLevel(logging.WARNING)
 
 
@@ -309,8 +311,8 @@ def discover(
         ui.print_table(headers, rows)
         ok = sum(1 for r in results if not r.error)
         click.echo(
-            f"probed {report.sweep.probed} addresses, {len(results)} BMCs answered, "
-            f"{ok} enrolled cleanly, in {report.seconds:.2f} s",
+            f"probed {report.sweep.probed} addresses, {len(report.sweep.found)} BMCs answered, "
+            f"{len(results)} machines, {ok} enrolled cleanly, in {report.seconds:.2f} s",
             err=True,
         )
     return 0 if all(not r.error for r in results) else 1
