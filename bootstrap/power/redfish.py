@@ -2,9 +2,9 @@
 
 Retries, waits and backoff are the base class's: sushy's own retries are
 cut to the least it allows (one immediate repeat of a 5xx answer, no repeated
-connection attempts), and the base decides what happens next. sushy exceptions are translated at this
-boundary into the metalseed error tree; messages name the BMC and the user,
-never a password or a token.
+connection attempts), and the base decides what happens next. sushy
+exceptions are translated at this boundary into the metalseed error tree;
+messages name the BMC and the user, never a password or a token.
 
 One login per operation, with HTTP basic authentication: stateless, so a
 crashed operation leaves no session behind in the BMC's (often small)
