@@ -269,7 +269,13 @@ class RedfishPowerDriver(PowerDriver):
         paths = self._call(conn, "list Systems", lambda: collection.members_identities)
         machines = []
         for path in sorted(paths):
-            system = self._system(conn, path)
+            try:
+                system = conn.root.get_system(path)
+            except sushy_exc.ResourceNotFoundError:  # listed, then gone: not a machine now
+                log.info("%s: listed System %s is gone (404); skipped", address, path)
+                continue
+            except Exception as exc:
+                raise translate(exc, target, "read a System", login=False) from None
             identity = self._call(conn, "identify", self._identity_of, conn, system)
             if identity is not None:
                 machines.append(Machine(dataclasses.replace(address, path=path), identity))
