@@ -60,6 +60,17 @@ def lab() -> None:
 @click.option("--sha1-only", is_flag=True, help="Fault: refuse cipher suite 17 (SHA-256).")
 @click.option("--unresponsive", is_flag=True, help="Fault: answer nothing.")
 @click.option(
+    "--silent-unknown-user",
+    is_flag=True,
+    help="Fault: say nothing to a login as an unknown user (no RAKP 2), as many BMCs do.",
+)
+@click.option(
+    "--refuse-sessions",
+    type=int,
+    default=0,
+    help="Fault: answer this many logins per BMC with 'no free session slot' (-1: all).",
+)
+@click.option(
     "--power-delay",
     type=float,
     default=0.0,
@@ -80,6 +91,8 @@ def lab_bmc(
     drop: float,
     sha1_only: bool,
     unresponsive: bool,
+    silent_unknown_user: bool,
+    refuse_sessions: int,
     power_delay: float,
     seed: int | None,
 ) -> int:
@@ -102,6 +115,8 @@ def lab_bmc(
         unresponsive=unresponsive,
         sha1_only=sha1_only,
         power_delay=power_delay,
+        silent_unknown_user=silent_unknown_user,
+        refuse_sessions=refuse_sessions,
     )
     if spec is not None:
         try:

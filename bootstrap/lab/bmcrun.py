@@ -97,7 +97,10 @@ def generate_specs(
     except ValueError:
         raise UsageError(f"{start!r} is not an IP address") from None
     specs = []
+    faults = common.pop("faults", None)
     for i in range(count):
+        if faults is not None:  # each BMC counts its own faults (refused sessions)
+            common["faults"] = dataclasses.replace(faults)
         if vary == "address":
             specs.append(BmcSpec(address=str(first + i), port=port, **common))
         elif vary == "port":

@@ -49,6 +49,7 @@ SUITES = {
 }
 STATUS_UNAUTHORIZED_NAME = 0x0D
 STATUS_NO_CIPHER_SUITE_MATCH = 0x11
+STATUS_INSUFFICIENT_RESOURCES = 0x01  # RMCP+ open session: no free session slot
 CC_OK, CC_INVALID_DATA, CC_PARAM_UNSUPPORTED = 0x00, 0xCC, 0x80
 LAN_CHANNEL = 1
 MAX_USERS = 16
@@ -64,6 +65,11 @@ class Faults:
     unresponsive: bool = False  # answer nothing at all
     sha1_only: bool = False  # refuse cipher suite 17 like older BMCs
     power_delay: float = 0.0  # seconds between a power command and the new state
+    #: say nothing to a login as an unknown user (pyghmi's own server, many real BMCs)
+    silent_unknown_user: bool = False
+    #: answer this many Open Session Requests with "insufficient resources" (a full
+    #: session table), then accept; -1: always
+    refuse_sessions: int = 0
 
 
 @dataclasses.dataclass
@@ -131,6 +137,8 @@ class SimSession(serversession.ServerSession):
         self.username = bytes(data[28 : 28 + data[27]])
         password = self.authdata.get(self.username.decode("utf-8", "replace"))
         if not self.username or password is None:
+            if self.bmc.faults.silent_unknown_user:
+                return  # no RAKP2 at all: the client waits until it gives up
             refusal = bytearray([data[0], STATUS_UNAUTHORIZED_NAME, 0, 0]) + self.clientsessionid
             self.send_payload(refusal, ipmi_constants.payload_types["rakp2"], retry=False)
             return
@@ -295,6 +303,11 @@ class SimBmc(pyghmi_bmc.Bmc):
         suite = next((s for s, algs in SUITES.items() if algs == proposal), None)
         if suite is None or (suite == 17 and self.faults.sha1_only):
             self._refuse_open(request, sockaddr, STATUS_NO_CIPHER_SUITE_MATCH)
+            return
+        if self.faults.refuse_sessions:
+            if self.faults.refuse_sessions > 0:
+                self.faults.refuse_sessions -= 1
+            self._refuse_open(request, sockaddr, STATUS_INSUFFICIENT_RESOURCES)
             return
         self.sessions[sockaddr] = SimSession(
             self.authdata,
