@@ -260,6 +260,14 @@ class Login:
     path: Path
 
 
+def private_file(path: Path, text: str) -> Path:
+    """``text`` in a new file only its owner can read (0600 from creation): for secrets."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    return path
+
+
 def write_credentials(directory: Path, username: str = "admin") -> Login:
     """A fresh random password in ``directory/bmc-credentials``, created 0600."""
     password = "Bench-" + secrets.token_urlsafe(9)  # 18 bytes: within IPMI's 20

@@ -1,4 +1,5 @@
-"""IPMI benchmark: ``power status --all`` of 256 simulated BMCs vs a sequential ipmitool loop.
+"""IPMI benchmark: ``power status --all`` of 256 simulated BMCs vs FreeIPMI's ipmipower
+and a sequential ipmitool loop.
 
 Runs against ``metalseed lab bmc`` on 127.0.5.x-127.0.6.x; see :mod:`bench.ipmi`
 for the shared pieces and the child-process helpers it times in-process with.
@@ -9,6 +10,8 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 from .common import (
@@ -24,6 +27,7 @@ from .common import (
     bmc_simulator,
     fmt_s,
     metalseed_argv,
+    private_file,
     progress,
     python,
     timed_run,
@@ -32,7 +36,6 @@ from .common import (
     write_credentials,
 )
 from .ipmi import (
-    CLI_PHASES,
     check_enrolled,
     count_nodes,
     discover,
@@ -47,6 +50,8 @@ POWER_PORT = 623
 POWER_RUNS = 5
 POWER_TARGET_SPEEDUP = 50.0
 STARTUP_RUNS = 5
+IPMIPOWER = "ipmipower"
+IPMIPOWER_RUNS = 5
 DRIVER_CONCURRENCY = (64, 128)  # 64 as asked; 128 is the CLI's default (bmc.concurrency)
 DRIVER_REPEAT = 5
 
@@ -56,6 +61,26 @@ def _covering_range(endpoints: list[str]) -> str:
     hosts = sorted((ipaddress.IPv4Address(e.rsplit(":", 1)[0]) for e in endpoints), key=int)
     port = endpoints[0].rsplit(":", 1)[1]
     return f"{hosts[0]}-{hosts[-1]}:{port}"
+
+
+def _hostrange(endpoints: list[str]) -> str:
+    """FreeIPMI hostranges over ``ADDR:PORT`` endpoints: ``127.0.5.[1-255]:623,127.0.6.[0]:623``."""
+    by_prefix: dict[tuple[str, str], list[int]] = {}
+    for endpoint in endpoints:
+        host, port = endpoint.rsplit(":", 1)
+        prefix, last = host.rsplit(".", 1)
+        by_prefix.setdefault((prefix, port), []).append(int(last))
+    parts = []
+    for (prefix, port), lasts in sorted(by_prefix.items()):
+        runs: list[list[int]] = []
+        for n in sorted(set(lasts)):
+            if runs and n == runs[-1][1] + 1:
+                runs[-1][1] = n
+            else:
+                runs.append([n, n])
+        spans = ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+        parts.append(f"{prefix}.[{spans}]:{port}")
+    return ",".join(parts)
 
 
 def _startup(label: str, argv: list[str]) -> tuple[float, float]:
@@ -77,7 +102,7 @@ done < "$1"
 
 
 def power_status(opts: Options) -> Section:
-    """`power status --all` of 256 simulated BMCs vs a sequential ipmitool loop."""
+    """`power status --all` of 256 simulated BMCs vs ipmipower and a sequential ipmitool loop."""
     del opts  # the same runs in --quick mode: the ipmitool loop dominates anyway
     with workdir("power") as work:
         login = write_credentials(work)
@@ -134,7 +159,11 @@ def _power_status(work: Path, login: Login, sim: Simulator) -> Section:
     walls = [t.wall for t, _ in runs]
     ms_best, ms_med = best_median(walls)
 
-    # (b) the peer: a shell loop of ipmitool, one process and one session per BMC
+    # (b) the peer: FreeIPMI's ipmipower, one C process polling all BMCs at once
+    peer_runs = _ipmipower_runs(work, login, sim, powers)
+    pp_best, pp_med = best_median([t.wall for t, _ in peer_runs])
+
+    # (c) the other peer: a shell loop of ipmitool, one process and one session per BMC
     hosts = work / "hosts"
     hosts.write_text("".join(f"{e.replace(':', ' ')}\n" for e in sim.endpoints))
     progress(f"power: ipmitool loop over {POWER_BMCS} BMCs (sequential, ~8 s)")
@@ -185,7 +214,7 @@ def _power_status(work: Path, login: Login, sim: Simulator) -> Section:
             raise BenchError(f"in-process {p['what']}: {p['rows']} rows, errors in {p['reps']}")
         b, m = best_median([r["wall"] for r in p["reps"]])
         progress(f"  in-process {p['what']}: best {fmt_s(b)}, median {fmt_s(m)}")
-    phases = _cli_phase_runs(work, state)
+    phases = _cli_breakdown_runs(work, state)
     pen_probe = _pen_probe(work, login, sim.endpoints)
     if pen_probe:
         progress(
@@ -209,7 +238,13 @@ def _power_status(work: Path, login: Login, sim: Simulator) -> Section:
         f"metalseed: `metalseed --state-dir D power status --all --json`, the whole CLI "
         f"process, {POWER_RUNS} runs; every run checked for {POWER_BMCS} rows, no errors, "
         "the simulator's exact BMC set.",
-        "Peer: a sequential bash loop of `ipmitool -I lanplus -H ADDR -p 623 -U admin -E "
+        f"Peer 1: FreeIPMI's ipmipower ({_ipmipower_version()}), `ipmipower --config-file F "
+        f"-D LAN_2_0 -h '{_hostrange(sim.endpoints)}' --stat --fanout {POWER_BMCS}`, "
+        f"{IPMIPOWER_RUNS} runs, in the same run against the same simulator; username and "
+        "password in F (0600, freeipmi.conf's `username`/`password` keys), not in argv. A "
+        f"run counts only if all {POWER_BMCS} BMCs have an `on`/`off` line, each agreeing "
+        "with metalseed's.",
+        "Peer 2: a sequential bash loop of `ipmitool -I lanplus -H ADDR -p 623 -U admin -E "
         f"power status` over the same {POWER_BMCS} BMCs (password in `IPMI_PASSWORD`), 1 run; "
         "every answer checked and compared with metalseed's.",
     ]
@@ -231,6 +266,22 @@ def _power_status(work: Path, login: Login, sim: Simulator) -> Section:
             verdict(speed_med >= POWER_TARGET_SPEEDUP),
         ),
         Row(
+            f"`power status --all` vs ipmipower, best of {POWER_RUNS} / {IPMIPOWER_RUNS}",
+            "— (issue 12: know where the time goes)",
+            fmt_s(ms_best),
+            f"{fmt_s(pp_best)} (ipmipower)",
+            f"{ms_best / pp_best:.1f}x slower",
+            "—",
+        ),
+        Row(
+            f"`power status --all` vs ipmipower, median of {POWER_RUNS} / {IPMIPOWER_RUNS}",
+            "— (issue 12: know where the time goes)",
+            fmt_s(ms_med),
+            f"{fmt_s(pp_med)} (ipmipower)",
+            f"{ms_med / pp_med:.1f}x slower",
+            "—",
+        ),
+        Row(
             f"time per BMC (wall / {POWER_BMCS})",
             "—",
             f"{fmt_ms(ms_med / POWER_BMCS)} (median run)",
@@ -239,10 +290,11 @@ def _power_status(work: Path, login: Login, sim: Simulator) -> Section:
             "—",
         ),
         Row(
-            "rows correct (256 rows, no errors, agrees with ipmitool)",
+            f"rows correct ({POWER_BMCS} rows, no errors, agrees with ipmipower and ipmitool)",
             "all",
             f"{POWER_BMCS}/{POWER_BMCS} in each of {POWER_RUNS} runs",
-            f"{len(seen)}/{POWER_BMCS}",
+            f"ipmipower {POWER_BMCS}/{POWER_BMCS} in each of {IPMIPOWER_RUNS} runs; "
+            f"ipmitool {len(seen)}/{POWER_BMCS}",
             "—",
             "pass",
         ),
@@ -252,6 +304,7 @@ def _power_status(work: Path, login: Login, sim: Simulator) -> Section:
             runs=runs,
             loop=loop,
             loop_sim_cpu=loop_sim_cpu,
+            peer_runs=peer_runs,
             startup=startup,
             inproc=inproc,
             phases=phases,
@@ -261,35 +314,222 @@ def _power_status(work: Path, login: Login, sim: Simulator) -> Section:
     return section
 
 
+def _ipmipower_version() -> str:
+    proc = subprocess.run([IPMIPOWER, "--version"], capture_output=True, text=True, timeout=10)
+    return (proc.stdout.strip().splitlines() or ["version unknown"])[0]
+
+
+def _ipmipower_runs(
+    work: Path, login: Login, sim: Simulator, powers: dict[str, str]
+) -> list[tuple[Timed, float]]:
+    """``ipmipower --stat`` over the simulator's BMCs, ``IPMIPOWER_RUNS`` times.
+
+    The login goes in a 0600 freeipmi.conf-format file given with ``--config-file``
+    (``username``/``password`` keys), never in argv. A run counts only if every BMC
+    has an ``on``/``off`` line and each agrees with metalseed's reading.
+    """
+    if shutil.which(IPMIPOWER) is None:
+        raise BenchError(f"{IPMIPOWER} is not installed (Debian: freeipmi-tools)")
+    config = private_file(
+        work / "ipmipower.conf", f"username {login.username}\npassword {login.password}\n"
+    )
+    hostrange = _hostrange(sim.endpoints)
+    argv = [IPMIPOWER, "--config-file", str(config), "-D", "LAN_2_0", "-h", hostrange]
+    argv += ["--stat", "--fanout", str(POWER_BMCS)]
+    port = {e.rsplit(":", 1)[1] for e in sim.endpoints}.pop()
+    runs = []
+    for i in range(IPMIPOWER_RUNS):
+        sim_before = sim.cpu_seconds()
+        timed = timed_run(argv)
+        sim_cpu = sim.cpu_seconds() - sim_before
+        seen: dict[str, str] = {}
+        other: list[str] = []
+        for line in timed.stdout.splitlines():
+            host, _, answer = line.rpartition(": ")
+            if answer in ("on", "off"):
+                seen[f"{host}:{port}"] = answer
+            else:
+                other.append(line)
+        if timed.returncode != 0 or set(seen) != set(sim.endpoints) or other:
+            raise BenchError(
+                f"ipmipower run {i + 1}: exit {timed.returncode}, {len(seen)} of "
+                f"{POWER_BMCS} BMCs reported on/off; e.g. {other[:3]} {timed.stderr[-300:]}"
+            )
+        disagree = [b for b in seen if seen[b] != powers.get(b)]
+        if disagree:
+            raise BenchError(f"ipmipower and metalseed disagree on power for {disagree[:5]}")
+        runs.append((timed, sim_cpu))
+        progress(
+            f"  ipmipower run {i + 1}: {fmt_s(timed.wall)} (CPU {timed.cpu:.2f} s, "
+            f"simulator CPU {sim_cpu:.2f} s), {len(seen)}/{POWER_BMCS} on/off lines"
+        )
+    return runs
+
+
 PEN_FILE = Path("/usr/share/misc/enterprise-numbers.txt")
 
 
-def _cli_phase_runs(work: Path, state: Path) -> dict[str, float]:
-    """Median phases of ``power status --all --json`` run through an instrumented ``main()``."""
-    out = work / "phases.json"
+#: ``metalseed power status --all --json`` through ``main()`` with timers, run as
+#: ``python -c CLI_BREAKDOWN STATE_DIR OUT``. Nothing but ``time`` and ``sys`` is imported
+#: before ``bootstrap.cli``; the driver classes are wrapped when ``driver_for`` first
+#: builds them (so pyghmi is imported where the CLI imports it). Main-thread phases are
+#: time.time() marks; calls made on the worker threads (logins, commands, logouts, store
+#: reads and writes) are summed per kind, in thread-seconds. The CLI's JSON goes to
+#: stdout, the measurements to OUT.
+CLI_BREAKDOWN = """
+import time
+t_start = time.time()
+import sys
+state_dir, out = sys.argv[1], sys.argv[2]
+import bootstrap.cli as cli
+from bootstrap import actions, power
+from bootstrap.store.sqlite import SqliteStore
+import threading
+marks = {"start": t_start, "imported": time.time()}
+calls = {}
+lock = threading.Lock()
+
+def timed(kind, fn, main=False):
+    def wrapper(*a, **kw):
+        t0 = time.time()
+        try:
+            return fn(*a, **kw)
+        finally:
+            dt = time.time() - t0
+            with lock:
+                n, total = calls.get(kind, (0, 0.0))
+                calls[kind] = (n + 1, total + dt)
+    return wrapper
+
+def first_connect(fn):
+    def wrapper(self):
+        if self._conn is not None:
+            return fn(self)
+        t0 = time.time()
+        try:
+            return fn(self)
+        finally:
+            marks["store_connect"] = marks.get("store_connect", 0.0) + time.time() - t0
+    return wrapper
+
+wrapped = set()
+def driver_for(name, *a, **kw):
+    t0 = time.time()
+    driver = build(name, *a, **kw)
+    with lock:
+        cls = type(driver)
+        if cls not in wrapped:
+            wrapped.add(cls)
+            cls._connect = timed("login", cls._connect)
+            cls._get_power = timed("command", cls._get_power)
+            cls._disconnect = timed("logout", cls._disconnect)
+    dt = time.time() - t0
+    with lock:
+        n, total = calls.get("driver set-up", (0, 0.0))
+        calls["driver set-up"] = (n + 1, total + dt)
+    return driver
+
+build = power.driver_for
+power.driver_for = driver_for
+SqliteStore._connect = first_connect(SqliteStore._connect)
+SqliteStore.get_credential = timed("store read", SqliteStore.get_credential)
+SqliteStore.update_node = timed("store write", SqliteStore.update_node)
+SqliteStore.add_event = timed("store write", SqliteStore.add_event)
+power.Drivers.power_state = timed("power_state", power.Drivers.power_state)
+for name in ("open_store", "resolve_nodes", "power"):
+    fn = getattr(actions, name)
+    def main_phase(*a, _fn=fn, _name=name, **kw):
+        t0 = time.time()
+        try:
+            return _fn(*a, **kw)
+        finally:
+            marks[_name] = time.time() - t0
+    setattr(actions, name, main_phase)
+sys.argv = ["metalseed", "--state-dir", state_dir, "power", "status", "--all", "--json"]
+code = 0
+try:
+    cli.main()
+except SystemExit as exc:
+    code = exc.code if isinstance(exc.code, int) else 1
+sys.stdout.flush()
+marks["main_end"] = time.time()
+import json
+with open(out, "w") as fh:
+    json.dump({"marks": marks, "calls": calls}, fh)
+sys.exit(code)
+"""
+
+
+STORE_KINDS = ("store read", "store write")
+DRIVER_KINDS = ("driver set-up", "login", "command", "logout")
+MAIN_PHASES = (
+    "interpreter start",
+    "import",
+    "store open",
+    "resolve nodes",
+    "body",
+    "rest of main",
+    "exit",
+)
+
+#: worker-thread kinds in CLI_BREAKDOWN's ``calls``, with the words the report uses
+WORKER_KINDS = (
+    ("driver set-up", "driver set-up: `import pyghmi`, build the IPMI driver"),
+    ("login", "logins: RMCP+ Open Session, RAKP 1-4 (pyghmi `Command()`)"),
+    ("command", "commands: Get Chassis Status"),
+    ("logout", "logouts: Close Session"),
+    ("store read", "store reads: each node's credential, decrypted"),
+    ("store write", "store writes (only a changed power state writes)"),
+)
+
+
+def _cli_breakdown_runs(work: Path, state: Path) -> dict:
+    """Median phases of ``power status --all --json`` run through an instrumented ``main()``.
+
+    Main-thread phases in seconds of wall; ``workers`` holds, per kind of call made
+    on the worker threads, (calls, thread-seconds, share of the workers' time, the
+    wall time that share is of the body).
+    """
+    out = work / "breakdown.json"
     runs = []
     for i in range(POWER_RUNS):
-        timed = timed_run([python(), "-c", CLI_PHASES, str(state), str(out)])
+        timed = timed_run([python(), "-c", CLI_BREAKDOWN, str(state), str(out)])
         rows = json_rows(timed, "instrumented power status")
         if timed.returncode != 0 or len(rows) != POWER_BMCS or any(r["error"] for r in rows):
             raise BenchError(f"instrumented power status run {i + 1} failed: {timed.stderr}")
-        m = json.loads(out.read_text())
-        runs.append(
-            {
-                "interpreter start": m["start"] - timed.started_at,
-                "import": m["imported"] - m["start"],
-                "driver": m["driver"],
-                "body": m["body"],
-                "rest of main": m["main_end"] - m["imported"] - m["driver"] - m["body"],
-                "exit": timed.ended_at - m["main_end"],
-                "wall": timed.wall,
-            }
-        )
-    phases = {key: median(r[key] for r in runs) for key in runs[0]}
+        data = json.loads(out.read_text())
+        m, calls = data["marks"], data["calls"]
+        connect = m.get("store_connect", 0.0)
+        main_phases = m["open_store"] + m["resolve_nodes"] + m["power"]
+        run = {
+            "interpreter start": m["start"] - timed.started_at,
+            "import": m["imported"] - m["start"],
+            "store open": m["open_store"] + connect,
+            "resolve nodes": max(m["resolve_nodes"] - connect, 0.0),
+            "body": m["power"],
+            "rest of main": m["main_end"] - m["imported"] - main_phases,
+            "exit": timed.ended_at - m["main_end"],
+            "wall": timed.wall,
+        }
+        # the workers' time: the driver call and the store calls around it, per node
+        worker_total = sum(calls.get(k, (0, 0.0))[1] for k in ("power_state", *STORE_KINDS))
+        for kind, _ in WORKER_KINDS:
+            n, seconds = calls.get(kind, (0, 0.0))
+            run[f"{kind} calls"] = n
+            run[f"{kind} thread-s"] = seconds
+            run[f"{kind} share"] = seconds / worker_total if worker_total else 0.0
+        in_driver = calls.get("power_state", (0, 0.0))[1]
+        accounted = sum(calls.get(k, (0, 0.0))[1] for k in DRIVER_KINDS)
+        run["other share"] = (in_driver - accounted) / worker_total if worker_total else 0.0
+        runs.append(run)
+    med = {key: median(r[key] for r in runs) for key in runs[0]}
+    shown = (*MAIN_PHASES, "wall")
+    progress("  instrumented CLI (median): " + ", ".join(f"{k} {fmt_ms(med[k])}" for k in shown))
     progress(
-        "  instrumented CLI (median): " + ", ".join(f"{k} {fmt_ms(v)}" for k, v in phases.items())
+        "  workers' time: "
+        + ", ".join(f"{k} {med[f'{k} share'] * 100:.0f}%" for k, _ in WORKER_KINDS)
     )
-    return phases
+    return med
 
 
 PEN_CALLS = 32
@@ -336,14 +576,78 @@ def _pen_probe(work: Path, login: Login, endpoints: list[str]) -> tuple[float, f
     return result[0], result[1]
 
 
-def _power_notes(*, runs, loop, loop_sim_cpu, startup, inproc, phases, pen_probe) -> str:
+def _breakdown_lines(phases: dict, concurrency: int, peer_runs) -> list[str]:
+    """The short table: where one ``power status --all`` process spends its wall time."""
+    wall, body = phases["wall"], phases["body"]
+    pp_med = median(t.wall for t, _ in peer_runs)
+    pp_cpu = median(t.cpu for t, _ in peer_runs)
+    lines = [
+        "### Where the time goes",
+        "",
+        f"`metalseed power status --all --json` run {POWER_RUNS} times as `python -c "
+        "CLI_BREAKDOWN` (bench/ipmi_power.py): `bootstrap.cli.main()` with timers around "
+        "the store, the node listing, `actions.power` and, on the worker threads, the "
+        "driver's login, command and logout and the store calls. Medians of each phase, "
+        "so the shares need not add up to exactly 100%. The body runs "
+        f"{concurrency} worker threads at once; the rows under it split its wall time in "
+        "proportion to the thread-time each kind of call took (a thread waiting for the "
+        "GIL inside a call counts for that call).",
+        "",
+        "| phase | median | share of the process |",
+        "|---|---|---|",
+    ]
+    main_rows = [
+        ("interpreter start-up (fork/exec to the first line)", phases["interpreter start"]),
+        ("`import bootstrap.cli` (click, rich, cryptography, the store code)", phases["import"]),
+        ("store open (SqliteStore, first connection, schema check)", phases["store open"]),
+        ("listing the nodes (`resolve_nodes`)", phases["resolve nodes"]),
+        (
+            f"power status of {POWER_BMCS} BMCs (`actions.power`, concurrency {concurrency})",
+            body,
+        ),
+    ]
+    for label, value in main_rows:
+        lines.append(f"| {label} | {fmt_ms(value)} | {value / wall * 100:.0f}% |")
+    for kind, label in [*WORKER_KINDS, ("other", "the rest of the driver call (sessions, retry)")]:
+        share = phases[f"{kind} share"]
+        calls = f", {phases[f'{kind} calls']:.0f} calls" if kind != "other" else ""
+        lines.append(
+            f"| &nbsp;&nbsp;of which {label} ({share * 100:.0f}% of the workers' time"
+            f"{calls}) | ~{fmt_ms(share * body)} | {share * body / wall * 100:.0f}% |"
+        )
+    for label, value in [
+        ("the rest of `main()`: config, click, JSON output", phases["rest of main"]),
+        ("interpreter exit", phases["exit"]),
+        ("whole process", wall),
+    ]:
+        lines.append(f"| {label} | {fmt_ms(value)} | {value / wall * 100:.0f}% |")
+    startup = phases["interpreter start"] + phases["import"]
+    logins = phases["login share"] * body
+    lines += [
+        "",
+        f"For comparison, ipmipower does the same {POWER_BMCS} logins, reads and logouts "
+        f"in {fmt_ms(pp_med)} (median, {pp_cpu:.2f} CPU s) from one C process polling every "
+        f"session at once. metalseed's start-up alone (interpreter and imports, "
+        f"{fmt_ms(startup)}) is {startup / pp_med:.1f}x that, and its logins "
+        f"(~{fmt_ms(logins)}) {logins / pp_med:.1f}x: every one is a fresh RMCP+ session "
+        "set-up in Python on threads that share one GIL.",
+        "",
+        "### More detail",
+        "",
+    ]
+    return lines
+
+
+def _power_notes(*, runs, loop, loop_sim_cpu, peer_runs, startup, inproc, phases, pen_probe):
     ms_best, ms_med = best_median([t.wall for t, _ in runs])
     cli_cpu = median(t.cpu for t, _ in runs)
     sim_cpu = median(s for _, s in runs)
     budget = loop.wall / POWER_TARGET_SPEEDUP
-    lines = [
-        "### Where metalseed's time goes",
-        "",
+    pp_best, pp_med = best_median([t.wall for t, _ in peer_runs])
+    pp_cpu = median(t.cpu for t, _ in peer_runs)
+    pp_sim_cpu = median(s for _, s in peer_runs)
+    lines = _breakdown_lines(phases, inproc["cli_concurrency"], peer_runs)
+    lines += [
         f"Start-up, whole processes (best / median of {STARTUP_RUNS}):",
         "",
         "| command | best | median |",
@@ -351,39 +655,6 @@ def _power_notes(*, runs, loop, loop_sim_cpu, startup, inproc, phases, pen_probe
     ]
     for label, (b, m) in startup.items():
         lines.append(f"| `{label}` | {fmt_ms(b)} | {fmt_ms(m)} |")
-
-    # phases of one CLI run, measured inside the process
-    lines += [
-        "",
-        f"Phases of `metalseed power status --all --json`, run {POWER_RUNS} times as "
-        "`python -c CLI_PHASES` (bench/ipmi.py): `bootstrap.cli.main()` with timers around "
-        "`actions.power_driver` and `actions.power`; medians of each phase, so the shares "
-        "need not add up to exactly 100%:",
-        "",
-        "| phase | median | share |",
-        "|---|---|---|",
-    ]
-    wall = phases["wall"]
-    for label, value in [
-        ("interpreter start-up (fork/exec to the first line)", phases["interpreter start"]),
-        (
-            "`import bootstrap.cli` (click, rich, asyncio, cryptography, the store)",
-            phases["import"],
-        ),
-        ("`actions.power_driver()`: imports pyghmi, builds the driver", phases["driver"]),
-        (
-            f"`actions.power(...)`: {POWER_BMCS} x (RMCP+ session set-up, Get Chassis Status, "
-            f"close) at concurrency {inproc['cli_concurrency']}, a store write per node",
-            phases["body"],
-        ),
-        (
-            "the rest of `main()`: config, store, resolving the nodes, JSON output",
-            phases["rest of main"],
-        ),
-        ("interpreter exit", phases["exit"]),
-        ("whole process", wall),
-    ]:
-        lines.append(f"| {label} | {fmt_ms(value)} | {value / wall * 100:.0f}% |")
 
     lines += [
         "",
@@ -402,6 +673,8 @@ def _power_notes(*, runs, loop, loop_sim_cpu, startup, inproc, phases, pen_probe
     lines += [
         f"| whole CLI process (the main table) | {fmt_ms(ms_best)} | {fmt_ms(ms_med)} "
         f"| {cli_cpu:.2f} s | {sim_cpu:.2f} s |",
+        f"| ipmipower, one process ({IPMIPOWER_RUNS} runs) | {fmt_ms(pp_best)} | "
+        f"{fmt_ms(pp_med)} | {pp_cpu:.2f} s | {pp_sim_cpu:.2f} s |",
         f"| ipmitool loop, {POWER_BMCS} processes (1 run) | {fmt_s(loop.wall)} | "
         f"| {loop.cpu:.2f} s | {loop_sim_cpu:.2f} s |",
     ]
