@@ -34,6 +34,8 @@ from .common import MISSED, PASS, REPO, BenchError, Options, Section, machine_fa
 MODULES = (
     "bench.ipmi_power",
     "bench.ipmi_sweep",
+    "bench.discovery_silent",
+    "bench.redfish_power",
     "bench.dhcp_bench",
     "bench.tftp_bench",
     "bench.http_bench",
